@@ -1,0 +1,170 @@
+"""Activations of one InceptionV1 layer, computing nothing past it.
+
+The forward pass executes the steps of ``layers.STEPS`` that the target layer
+depends on (its ancestors), in lucent's order, calling lucent's own modules so
+the result equals what a forward hook on ``net.<layer>`` sees in a full
+forward pass, and hooks on any module the target does not need never fire.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import (
+    BLOCK_LAYERS, INPUT, LOGITS, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, STEP_INDEX, STEPS,
+    Step, ancestors, check_layer, layer_channels, layer_shape,
+)
+from .preprocess import preprocess
+from .weights import RANDOM, load_inceptionv1, weights_source
+
+log = logging.getLogger("sae.model")
+
+UNKNOWN = "unknown"
+
+
+def apply_step(net: nn.Module, step: Step, inputs: list[Tensor]) -> Tensor:
+    """Evaluate one step on its input tensors exactly as lucent's forward does."""
+    x = inputs[0]
+    if step.op == "conv":
+        # Lucent pads explicitly (asymmetrically for conv2d0) and convolves without implicit padding.
+        padded = F.pad(x, step.pad) if any(step.pad) else x
+        return getattr(net, step.name)(padded)
+    if step.op == "relu":
+        return getattr(net, step.name)(x)
+    if step.op == "maxpool":
+        # -inf padding: padded cells never win the max, unlike zeros after a pre-ReLU layer.
+        padded = F.pad(x, step.pad, value=float("-inf"))
+        size, stride = (step.kernel, step.kernel), (step.stride, step.stride)
+        return getattr(net, step.name)(padded, kernel_size=size, stride=stride, padding=0, ceil_mode=False)
+    if step.op == "lrn":
+        return F.local_response_norm(x, size=LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+    if step.op == "concat":
+        return getattr(net, step.name)(tuple(inputs), 1)
+    if step.op == "avgpool":
+        return _global_average(x)
+    if step.op == "linear":
+        return getattr(net, step.name)(x)
+    raise AssertionError(f"unhandled op {step.op!r}")
+
+
+def _global_average(mixed5b: Tensor) -> Tensor:
+    """(B, 1024, 7, 7) -> (B, 1024): lucent's 7x7 average pool followed by a reshape to (-1, 1024)."""
+    if mixed5b.shape[-2:] != (7, 7):
+        # Smaller maps cannot be pooled; larger ones lucent would reshape from (B, 1024, h, w) to
+        # (B*h*w, 1024), interleaving channels and positions: meaningless logits.
+        raise ValueError(f"The classifier needs mixed5b at 7x7 (224-px images); got {tuple(mixed5b.shape[-2:])}.")
+    pooled = F.avg_pool2d(mixed5b, kernel_size=(7, 7), stride=(1, 1), padding=(0,), ceil_mode=False, count_include_pad=False)
+    return pooled.reshape(-1, 1024)
+
+
+def _release_schedule(steps: tuple[Step, ...]) -> tuple[tuple[str, ...], ...]:
+    """For each step, the tensors no later step reads, so they can be dropped right after it."""
+    last_use: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for name in step.inputs:
+            last_use[name] = i
+    releases: list[list[str]] = [[] for _ in steps]
+    for name, i in last_use.items():
+        releases[i].append(name)
+    return tuple(tuple(names) for names in releases)
+
+
+def run_steps(net: nn.Module, steps: tuple[Step, ...], known: dict[str, Tensor]) -> Tensor:
+    """Evaluate ``steps`` in order from the tensors in ``known``; return the last step's output."""
+    env = dict(known)
+    for step, releases in zip(steps, _release_schedule(steps)):
+        env[step.name] = apply_step(net, step, [env[name] for name in step.inputs])
+        for name in releases:
+            del env[name]
+    return env[steps[-1].name]
+
+
+def run_from(net: nn.Module, layer: str, activations: Tensor) -> Tensor:
+    """Continue lucent's InceptionV1 from a block layer's activations to the pre-softmax logits.
+
+    activations: (B, C, H', W') activations of ``layer`` (one of BLOCK_LAYERS), e.g. an SAE
+    reconstruction of mixed4b at (B, 512, 14, 14) for 224-px images. Returns (B, 1008) logits, the output
+    of ``net.softmax2_pre_activation_matmul``.
+    """
+    check_layer(layer)
+    if layer not in BLOCK_LAYERS:
+        raise ValueError(
+            f"run_from continues only from a block layer, where the network is a single chain: {', '.join(BLOCK_LAYERS)}; "
+            f"{layer!r} is inside a block."
+        )
+    if activations.ndim != 4 or activations.shape[1] != layer_channels(layer):
+        raise ValueError(
+            f"Expected (B, {layer_channels(layer)}, H, W) activations of {layer!r}, got {tuple(activations.shape)}."
+        )
+    parameter = next(net.parameters())
+    activations = activations.to(device=parameter.device, dtype=parameter.dtype)
+    return run_steps(net, STEPS[STEP_INDEX[layer] + 1 : STEP_INDEX[LOGITS] + 1], {layer: activations})
+
+
+class InceptionExtractor(nn.Module):
+    """RGB images (B, 3, H, W) in [0, 255] -> float32 activations (B, d_in, H', W') of ``layer``.
+
+    The network is lucent's InceptionV1 (``self.net``, frozen, eval mode), loaded by ``load_inceptionv1``
+    unless ``net`` is given (then ``pretrained`` and ``weights`` are not used). ``self.pretrained`` is False
+    for random weights, and for a ``net`` of unknown origin, so runs can be tagged accordingly.
+    ``channels_last=True`` converts ``net`` (in place, so also for whoever shares it) and the input to NHWC,
+    a speed option; the output is the same values, contiguous NCHW.
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        pretrained: bool = True,
+        weights: str | os.PathLike | None = None,
+        channels_last: bool = False,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = check_layer(layer)
+        self.d_in = layer_channels(layer)
+        if net is None:
+            net = load_inceptionv1(pretrained=pretrained, weights=weights)
+        elif weights is not None:
+            raise ValueError("Pass either net or weights to InceptionExtractor, not both.")
+        self.net = net.eval().requires_grad_(False)
+        self.weights_source = weights_source(net) or UNKNOWN
+        if self.weights_source == UNKNOWN:
+            log.warning("InceptionExtractor got a net not loaded by load_inceptionv1; reporting pretrained=False.")
+        self.pretrained = self.weights_source not in (RANDOM, UNKNOWN)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self._steps = ancestors(self.layer)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 or float pixels in [0, 255] -> (B, d_in, H', W') float32, contiguous NCHW."""
+        parameter = next(self.net.parameters())
+        # Move before preprocessing: uint8 crosses the bus in a quarter of the bytes of float32.
+        x = preprocess(images.to(parameter.device, non_blocking=True)).to(parameter.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        activations = run_steps(self.net, self._steps, {INPUT: x})
+        return activations.float().contiguous()
+
+    def forward_from(self, activations: Tensor) -> Tensor:
+        """(B, d_in, H', W') activations of this (block) layer -> (B, 1008) pre-softmax logits."""
+        return run_from(self.net, self.layer, activations)
+
+    def output_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(d_in, H', W') for images of side ``image_size``."""
+        return layer_shape(self.layer, image_size)
+
+    def train(self, mode: bool = True) -> InceptionExtractor:
+        # The network is a fixed feature map: a parent module's .train() must not change it.
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, d_in={self.d_in}, weights={self.weights_source!r}"
+

@@ -1,0 +1,124 @@
+"""Reconstruction quality of an SAE: MSE, explained variance and its complement FVU.
+
+All states are sums (``dist_reduce_fx="sum"``), so the value computed under DDP is
+exactly the value on the concatenation of every rank's data. Sums of floats are
+kept in float64: the explained-variance denominator is formed as
+``sum x^2 - (sum x)^2 / n``, which cancels catastrophically in float32 once
+``n`` reaches millions of vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from sae.metrics._rows import rows
+
+_F64 = torch.float64
+
+
+class MSE(Metric):
+    """Mean squared error per element, ``sum (x - x_hat)^2 / (N * d_in)``.
+
+    update(x, x_hat): x, x_hat (..., d_in). compute() -> scalar float32.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("sse", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("n_elements", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        err = x.to(_F64) - x_hat.to(_F64)
+        self.sse += err.square().sum()
+        self.n_elements += err.numel()
+
+    def compute(self) -> Tensor:
+        return (self.sse / self.n_elements).float()
+
+
+class ReconstructionError(Metric):
+    """MSE, explained variance and FVU from one set of sufficient statistics.
+
+    With N vectors x_n in R^d seen so far (over all updates and all ranks) and
+    mean mu = (1/N) sum_n x_n:
+
+        sse       = sum_n ||x_n - x_hat_n||^2
+        total_var = sum_n ||x_n - mu||^2 = sum_j (S2_j - S1_j^2 / N)
+        fvu       = sse / total_var,   explained_variance = 1 - fvu
+        mse       = sse / (N * d)
+
+    where S1 = sum_n x_n and S2 = sum_n x_n^2 per dim (d,). Accumulating S1 and S2
+    rather than a per-batch variance makes mu the mean over ALL vectors, so the
+    result does not depend on how the data was split into batches or ranks.
+
+    Args:
+        d_in: input width. Optional: without it the per-dim sums start as a
+            (1,) zero that broadcasts to (d_in,) on the first update. Pass it
+            under DDP when a rank might see no batch before ``compute()``,
+            since ranks' states must then have equal shapes to be gathered.
+
+    update(x, x_hat): x, x_hat (..., d_in).
+    compute() -> {"mse", "explained_variance", "fvu"}, scalars float32.
+    A constant input (total_var = 0) gives fvu = inf or nan, as the ratio says.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, d_in: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        width = 1 if d_in is None else d_in
+        self.add_state("sum_x", torch.zeros(width, dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("sum_x2", torch.zeros(width, dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("sse", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
+        self.add_state("n_vectors", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("n_elements", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x = rows(x).to(_F64)
+        err = x - rows(x_hat).to(_F64)
+        # Out-of-place: a lazily sized (1,) state broadcasts to (d_in,) here.
+        self.sum_x = self.sum_x + x.sum(0)
+        self.sum_x2 = self.sum_x2 + x.square().sum(0)
+        self.sse += err.square().sum()
+        self.n_vectors += x.shape[0]
+        self.n_elements += x.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        total_var = (self.sum_x2 - self.sum_x.square() / self.n_vectors).sum()
+        fvu = self.sse / total_var
+        return {
+            "mse": (self.sse / self.n_elements).float(),
+            "explained_variance": (1.0 - fvu).float(),
+            "fvu": fvu.float(),
+        }
+
+
+class ExplainedVariance(ReconstructionError):
+    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, mean over all vectors seen.
+
+    See :class:`ReconstructionError`. update(x, x_hat): (..., d_in). compute() -> scalar.
+    """
+
+    higher_is_better = True
+
+    def compute(self) -> Tensor:
+        return super().compute()["explained_variance"]
+
+
+class FVU(ReconstructionError):
+    """Fraction of variance unexplained, ``1 - ExplainedVariance``.
+
+    See :class:`ReconstructionError`. update(x, x_hat): (..., d_in). compute() -> scalar.
+    """
+
+    higher_is_better = False
+
+    def compute(self) -> Tensor:
+        return super().compute()["fvu"]

@@ -1,0 +1,27 @@
+"""Image sources, vector sources, the activation stream and the DataModules."""
+
+from sae.data.datamodule import ActivationDataModule, ImageActivationDataModule, VectorDataModule
+from sae.data.images import CropSpec, ImageFolder, ImageSource, ImageSourceError, SampleImages, to_rgb
+from sae.data.stream import ActivationStream, ImageStream, StreamSampler, derive_seed, to_vectors
+from sae.data.vectors import VectorFileError, VectorStream, check_vectors, load_vectors
+
+__all__ = [
+    "ActivationDataModule",
+    "ActivationStream",
+    "CropSpec",
+    "ImageActivationDataModule",
+    "ImageFolder",
+    "ImageSource",
+    "ImageSourceError",
+    "ImageStream",
+    "SampleImages",
+    "StreamSampler",
+    "VectorDataModule",
+    "VectorFileError",
+    "VectorStream",
+    "check_vectors",
+    "derive_seed",
+    "load_vectors",
+    "to_rgb",
+    "to_vectors",
+]

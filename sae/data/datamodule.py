@@ -1,0 +1,225 @@
+"""LightningDataModules that serve activation vectors, from images or from precomputed vectors.
+
+`train_dataloader()` returns an endless iterable of (batch_size, d_in) tensors already on the training
+device; `data.batch_size` is the number of vectors per optimizer step for every source. The module's
+`state_dict()` is the number of batches consumed, which is all that exact resume needs (see
+`sae.data.stream`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from sae.data.images import CropSpec, ImageFolder, ImageSource, ImageSourceError
+from sae.data.stream import (
+    ActivationStream,
+    HeldOutImages,
+    ImageStream,
+    derive_seed,
+    extractor_output_shape,
+    to_vectors,
+)
+from sae.data.vectors import VectorStream, check_vectors, load_vectors, split_holdout
+
+log = logging.getLogger(__name__)
+
+
+class Batches:
+    """A fixed sequence of on-device batches. (A plain list would read to Lightning as several loaders.)"""
+
+    def __init__(self, batches: list[Tensor]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ActivationDataModule(L.LightningDataModule):
+    """What the trainer needs from any source: `d_in`, train/val batches, a sample for init, resume state."""
+
+    def __init__(self, batch_size: int = 4096, seed: int = 0):
+        super().__init__()
+        if int(batch_size) <= 0:
+            raise ValueError(f"data.batch_size={batch_size} must be a positive number of vectors per step.")
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self._start_batch = 0
+        self._train_stream = None
+
+    # -- where the trainer runs ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    # -- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        return {"batches": trainer.global_step * trainer.accumulate_grad_batches, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"the checkpoint's data stream used seed={state['seed']} but this run has seed={self.seed}; "
+                "resume with the original seed."
+            )
+        self._start_batch = int(state["batches"])
+
+    # -- to implement -------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        raise NotImplementedError
+
+    def sample_vectors(self, n: int) -> Tensor:
+        """About `n` training-distribution vectors on the training device, for input scaling and b_dec init."""
+        raise NotImplementedError
+
+    @property
+    def vectors_per_image(self) -> int | None:
+        return None
+
+    @property
+    def stream_stats(self):
+        return getattr(self._train_stream, "stats", None)
+
+
+class ImageActivationDataModule(ActivationDataModule):
+    """Activations of `extractor` (InceptionV1 truncated at the layer) on a stream of image crops."""
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        source: ImageSource | None = None,
+        root: str | None = None,
+        batch_size: int = 4096,
+        image_size: int = 224,
+        crop_scale: tuple[float, float] = (0.25, 1.0),
+        positions_per_image: int | None = None,
+        vectors_per_window: int = 131072,
+        image_batch_size: int = 32,
+        num_workers: int = 2,
+        val_images: int = 64,
+        holdout: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__(batch_size, seed)
+        if (source is None) == (root is None):
+            raise ValueError("give exactly one image source: data.root=DIR (a folder of images) or data=sample.")
+        source = ImageFolder(root) if root is not None else source
+        self.extractor, self.source = extractor, source
+        source.validate()
+        if positions_per_image is not None and int(positions_per_image) <= 0:
+            raise ValueError(f"data.positions_per_image={positions_per_image} must be positive or null (all).")
+        self.crop = CropSpec(size=int(image_size), scale=tuple(crop_scale))
+        self.positions_per_image = None if positions_per_image is None else int(positions_per_image)
+        self.vectors_per_window, self.image_batch_size = int(vectors_per_window), int(image_batch_size)
+        self.num_workers = int(num_workers)
+        indices = np.random.default_rng(derive_seed(self.seed, 7)).permutation(len(source)).tolist()
+        if holdout:
+            if len(source) <= val_images:
+                raise ImageSourceError(
+                    f"{source!r} has {len(source)} images, too few to hold out data.val_images={val_images}; "
+                    "lower data.val_images."
+                )
+            self.val_indices, self.train_indices = sorted(indices[:val_images]), indices[val_images:]
+        else:  # a tiny source (data=sample): validation uses other seeded crops of the same photographs
+            self.train_indices = indices
+            self.val_indices = [indices[i % len(indices)] for i in range(val_images)]
+        self.holdout = holdout
+        self._val_batches: list[Tensor] | None = None
+
+    @functools.cached_property
+    def layer_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image's activation."""
+        return extractor_output_shape(self.extractor, self.crop.size)
+
+    @property
+    def d_in(self) -> int:
+        return self.layer_shape[0]
+
+    @property
+    def vectors_per_image(self) -> int:
+        _, h, w = self.layer_shape
+        return min(self.positions_per_image or h * w, h * w)
+
+    def _stream(self, start_batch: int, seed: int, vectors_per_window: int | None = None) -> ActivationStream:
+        rank, world = self.rank_and_world
+        self.extractor.to(self.device)
+        return ActivationStream(
+            ImageStream(self.source, self.train_indices, self.crop, seed), self.extractor, self.device,
+            self.batch_size, self.positions_per_image, vectors_per_window or self.vectors_per_window, self.image_batch_size,
+            self.num_workers, seed, rank, world, start_batch,
+        )
+
+    def train_dataloader(self) -> Iterable[Tensor]:
+        self._train_stream = self._stream(self._start_batch, self.seed)
+        return self._train_stream
+
+    def sample_vectors(self, n: int) -> Tensor:
+        # A separate seed: the sample is drawn from the training distribution without touching the stream.
+        stream = self._stream(0, derive_seed(self.seed, 8), vectors_per_window=n)
+        batches, total = [], 0
+        for batch in stream:
+            batches.append(batch)
+            total += batch.shape[0]
+            if total >= n:
+                return torch.cat(batches)[:n]
+        raise AssertionError("unreachable: the stream is endless")
+
+    def val_dataloader(self) -> Batches:
+        if self._val_batches is None:
+            self._val_batches = Batches(self._extract_val())
+        return self._val_batches
+
+    def _extract_val(self) -> list[Tensor]:
+        held_out = HeldOutImages(self.source, self.val_indices, self.crop, derive_seed(self.seed, 9), not self.holdout)
+        loader = DataLoader(held_out, batch_size=self.image_batch_size, num_workers=0)
+        self.extractor.to(self.device)
+        with torch.inference_mode():
+            chunks = [to_vectors(self.extractor(pixels.to(self.device)), None, None) for pixels, _ in loader]
+        vectors = torch.cat(chunks).clone()
+        return list(vectors.split(self.batch_size))
+
+
+class VectorDataModule(ActivationDataModule):
+    """Precomputed (N, d) vectors from a file (`data=vectors data.path=FILE`)."""
+
+    def __init__(self, path: str, batch_size: int = 4096, val_fraction: float = 0.05, expected_width: int | None = None,
+                 check_width: bool = True, seed: int = 0):
+        super().__init__(batch_size, seed)
+        self.path = path
+        self.vectors = check_vectors(load_vectors(path), path, expected_width if check_width else None)
+        self.train_rows, self.val_rows = split_holdout(len(self.vectors), val_fraction, self.seed)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def train_dataloader(self) -> Iterable[Tensor]:
+        rank, world = self.rank_and_world
+        self._train_stream = VectorStream(self.vectors, self.train_rows, self.device, self.batch_size, self.seed,
+                                          rank, world, self._start_batch)
+        return self._train_stream
+
+    def val_dataloader(self) -> Batches:
+        return Batches([b.to(self.device) for b in self.vectors[self.val_rows].split(self.batch_size)])
+
+    def sample_vectors(self, n: int) -> Tensor:
+        rows = self.train_rows[torch.from_numpy(np.random.default_rng(derive_seed(self.seed, 8)).permutation(
+            len(self.train_rows))[:n])]
+        return self.vectors[rows].to(self.device)

@@ -1,0 +1,94 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+TopK's budget is per input; BatchTopK spends k * B activations over the whole batch, so inputs
+that need more latents can take them from inputs that need fewer. Because that couples the inputs
+of a batch, inference uses a single global threshold instead: the paper's estimate is the
+expected smallest activation kept in training, tracked here as an exponential moving average.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import SAEConfigError, check_nonnegative_float, register_architecture
+from .topk import TopKSAE
+
+
+@register_architecture
+class BatchTopKSAE(TopKSAE):
+    """Training: keep the k * B largest ReLU'd pre-activations of the batch. Eval: pre * (pre > threshold).
+
+    Inherits k, k_aux, aux_k_coefficient (AuxK) and sparse_decode from TopKSAE; ``k`` is the mean
+    number of active latents per input. ``threshold_momentum`` is the EMA decay of the threshold
+    estimate: 0.99 averages over the last ~100 batches, enough to smooth the batch-to-batch noise of
+    a minimum while still following the drift of activation scale during training.
+    The ``threshold`` buffer (scalar) is 0 until the first training batch, i.e. eval is plain ReLU.
+    """
+
+    architecture: ClassVar[str] = "batchtopk"
+    constrains_decoder_norm: ClassVar[bool] = True
+    threshold: Tensor
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int = 32,
+        k_aux: int | None = None,
+        aux_k_coefficient: float = 1 / 32,
+        sparse_decode: bool | None = None,
+        threshold_momentum: float = 0.99,
+    ) -> None:
+        super().__init__(d_in, d_sae, k=k, k_aux=k_aux, aux_k_coefficient=aux_k_coefficient,
+                         sparse_decode=sparse_decode)
+        if check_nonnegative_float("threshold_momentum", threshold_momentum) >= 1:
+            raise SAEConfigError(
+                f"threshold_momentum={threshold_momentum!r} must be in [0, 1) (0.99 averages ~100 batches)"
+            )
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        if not self.training:
+            return pre_acts * (pre_acts > self.threshold)
+        acts = pre_acts.relu().flatten()
+        values, indices = acts.topk(self.k * pre_acts.shape[0], sorted=False)
+        self._update_threshold_(values)
+        return torch.zeros_like(acts).scatter(0, indices, values).view_as(pre_acts)
+
+    def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows carry different numbers of active latents; pad every row to the widest one with zeros."""
+        f = self.activation(pre_acts)
+        width = max(int((f != 0).sum(dim=-1).max()), 1)  # one host sync per batch
+        return f.topk(width, dim=-1, sorted=False)
+
+    @torch.no_grad()
+    def _update_threshold_(self, kept: Tensor) -> None:
+        """EMA of the smallest positive kept activation; the first batch sets it outright. No host sync."""
+        smallest = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min().to(self.threshold.dtype)
+        blended = self.threshold_momentum * self.threshold + (1 - self.threshold_momentum) * smallest
+        updated = torch.where(self.threshold > 0, blended, smallest)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+
+    # ----------------------------------------------------------------------------- description
+    def extra_hparams(self) -> dict[str, Any]:
+        return {**super().extra_hparams(), "threshold_momentum": self.threshold_momentum}
+
+    def extra_export_tensors(self) -> dict[str, Tensor]:
+        # Per latent, so an exported BatchTopK SAE reads like a JumpReLU one at inference.
+        return {"threshold": self.threshold.expand(self.d_sae)}
+
+    @torch.no_grad()
+    def load_extra_tensors_(self, tensors: dict[str, Tensor]) -> None:
+        threshold = tensors["threshold"]
+        if not torch.allclose(threshold, threshold[0].expand_as(threshold)):
+            raise SAEConfigError("a batchtopk SAE has one global threshold, but the file holds per-latent "
+                                 "thresholds; load it with architecture 'jumprelu' instead")
+        self.threshold.copy_(threshold[0])
+
+    def activation_formula(self) -> str:
+        return ("pre * (pre > threshold), one global threshold shared by all latents "
+                f"(BatchTopK inference; training kept the top {self.k} * batch activations)")

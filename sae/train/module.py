@@ -1,0 +1,180 @@
+"""The LightningModule that trains one SAE: optimizer, schedules, input scaling, resampling and logging.
+
+The SAE itself is a plain `sae.nn.SparseAutoencoder`; this module only wires it to Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from sae.metrics import SparsityMetrics
+from sae.nn import SparseAutoencoder, build_sae, save_sae
+from sae.train.resampling import ResampleSchedule, draw_replacements, resample_features_
+from sae.train.schedules import lr_factor, sparsity_factor
+
+log = logging.getLogger(__name__)
+
+DEAD_WINDOW_MAX = 10_000_000  # vectors; the TopK paper's definition of a dead latent
+
+
+class SAEModule(L.LightningModule):
+    """Trains `build_sae(architecture, d_in, ...)` on batches of (B, d_in) activation vectors.
+
+    Inputs are multiplied by `input_scale` so that their mean norm is sqrt(d_in) (estimated once from a
+    sample before training); the export folds the scale back, so `sae.safetensors` is in the layer's units.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        architecture: str = "relu",
+        expansion: float | None = 8,
+        d_sae: int | None = None,
+        lr: float = 4e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_warmup_steps: int = 100,
+        lr_decay_fraction: float = 0.2,
+        sparsity_warmup_steps: int = 0,
+        b_dec_init: str = "geometric_median",
+        init_sample: int = 16384,
+        normalize_inputs: bool = True,
+        dead_window: int | None = None,
+        resample: dict | None = None,
+        metadata: dict | None = None,
+        **arch_hparams: Any,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sae: SparseAutoencoder = build_sae(
+            architecture, int(d_in), d_sae=d_sae, expansion=None if d_sae is not None else expansion, **arch_hparams
+        )
+        self.lr, self.betas = float(lr), tuple(betas)
+        self.lr_warmup_steps, self.lr_decay_fraction = int(lr_warmup_steps), float(lr_decay_fraction)
+        self.sparsity_warmup_steps = int(sparsity_warmup_steps)
+        self.b_dec_init, self.init_sample, self.normalize_inputs = b_dec_init, int(init_sample), normalize_inputs
+        self.resample = ResampleSchedule(**resample) if resample else None
+        self.metadata = dict(metadata or {})
+        d = self.sae.W_dec.shape[0]
+        self.register_buffer("input_scale", torch.zeros(()))  # 0 until estimated; restored from checkpoints
+        self.register_buffer("vectors_since_fired", torch.zeros(d, dtype=torch.long))
+        self.register_buffer("dead_window", torch.tensor(int(dead_window or 0)))
+        # Not a submodule: fresh for each validation, so "dead" there means "fired on no held-out vector".
+        self._val: dict[str, SparsityMetrics] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Estimate the input scale and initialize b_dec before DDP wraps the model.
+
+        DDP then broadcasts rank zero's parameters and buffers, so every rank starts identical. A resumed
+        run skips this: the checkpoint restores both.
+        """
+        if stage != "fit" or float(self.input_scale) > 0 or self.trainer.ckpt_path is not None:
+            return
+        datamodule = self.trainer.datamodule
+        if int(self.dead_window) == 0:
+            total = max(1, self.trainer.max_steps) * datamodule.batch_size * self.trainer.world_size
+            self.dead_window.fill_(min(DEAD_WINDOW_MAX, max(datamodule.batch_size, total // 5)))
+        sample = datamodule.sample_vectors(self.init_sample).float()
+        self.to(sample.device)
+        scale = math.sqrt(sample.shape[1]) / float(sample.norm(dim=1).mean()) if self.normalize_inputs else 1.0
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"cannot normalize inputs: the sample's mean norm gives scale {scale}. Are all vectors zero?")
+        self.input_scale.fill_(scale)
+        self.sae.init_b_dec_(sample * scale, method=self.b_dec_init)
+        log.info("input scale %.4g (mean norm → sqrt(d_in)); b_dec initialized by %s", scale, self.b_dec_init)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.lr_warmup_steps, total, self.lr_decay_fraction)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        x = batch.float() * self.input_scale
+        out = self.sae(x)
+        dead = self.vectors_since_fired >= self.dead_window
+        losses = self.sae.loss(x, out, sparsity_scale=sparsity_factor(self.global_step, self.sparsity_warmup_steps),
+                               dead_mask=dead)
+        self._update_firing(out.f)
+        with torch.no_grad():
+            residual = (x - out.x_hat).pow(2).sum()
+            total = (x - x.mean(dim=0)).pow(2).sum()
+            stats = {
+                "train/loss": losses.loss,
+                "train/mse": losses.mse,
+                "train/sparsity_loss": losses.sparsity,
+                "train/aux_loss": losses.aux,
+                "train/l1": out.f.abs().sum(dim=1).mean(),
+                "train/l0": (out.f > 0).float().sum(dim=1).mean(),
+                "train/explained_variance": 1 - residual / total,
+                "train/dead_fraction": dead.float().mean(),
+            }
+        self.log_dict(stats, on_step=True, prog_bar=False)
+        self.log("loss", losses.loss, prog_bar=True, logger=False)
+        return losses.loss
+
+    def _update_firing(self, f: Tensor) -> None:
+        """Count vectors since each feature last fired, over all ranks (so dead masks agree everywhere)."""
+        fired = (f > 0).any(dim=0).to(torch.int32)
+        n = torch.tensor(f.shape[0], device=f.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(n)
+        self.vectors_since_fired.add_(n).masked_fill_(fired.bool(), 0)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.project_decoder_grad_()
+
+    def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
+        self.sae.normalize_decoder_()
+        if self.resample is not None and self.resample.due(self.global_step):
+            self._resample(batch.float() * self.input_scale)
+
+    def _resample(self, x: Tensor) -> None:
+        dead = self.vectors_since_fired >= self.dead_window
+        n_dead = int(dead.sum())
+        if n_dead:
+            generator = torch.Generator(device=x.device).manual_seed(self.global_step)
+            replacements = draw_replacements(self.sae, x, n_dead, generator)
+            # Rank zero decides; every rank applies the same replacements (identical resampling under DDP).
+            replacements = self.trainer.strategy.broadcast(replacements, src=0)
+            resample_features_(self.sae, dead, replacements, self.optimizers().optimizer, self.resample.encoder_scale)
+            self.vectors_since_fired[dead] = 0
+        self.log("train/resampled", float(n_dead), on_step=True)
+        log.info("step %d: resampled %d dead features", self.global_step, n_dead)
+
+    # -- validation -----------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val["metrics"] = SparsityMetrics(self.sae.d_sae, dead_window=DEAD_WINDOW_MAX, d_in=self.sae.d_in).to(
+            self.device
+        )
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x = batch.float() * self.input_scale
+        out = self.sae(x)
+        losses = self.sae.loss(x, out)
+        self.log("val/loss", losses.loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self._val["metrics"].update(x, out.x_hat, out.f)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._val.pop("metrics")
+        # compute() is already reduced over ranks (a collective: every rank calls it).
+        self.log_dict({f"val/{k}": v for k, v in metrics.compute().items()})
+        self.val_feature_frequency = metrics.feature_frequency()
+
+    # -- export ---------------------------------------------------------------------------------------
+    def export(self, directory: str | Path, **metadata: Any) -> None:
+        """Write sae.safetensors + sae.json in the layer's units (atomic)."""
+        meta = {**self.metadata, **metadata, "input_scale": float(self.input_scale), "global_step": self.global_step}
+        save_sae(self.sae, directory, scale=float(self.input_scale) or 1.0, metadata=meta)

@@ -47,12 +47,14 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from sae.errors import USER_ERRORS
+    from sae.errors import user_error
 
     try:
         return train(cfg)
-    except USER_ERRORS as e:  # bad input: one clear line, no traceback
-        log.error("%s: %s", type(e).__name__, e)
+    except Exception as e:
+        if (bad_input := user_error(e)) is None:
+            raise
+        log.error("%s: %s", type(bad_input).__name__, bad_input)  # one clear line, no traceback
         sys.exit(2)
 
 

@@ -14,3 +14,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WeightsUnavailableError,
     SAEConfigError,
 )
+
+
+def user_error(error: BaseException) -> BaseException | None:
+    """The bad-input error behind `error` (Hydra wraps errors raised while instantiating), or None."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__
+    return None

@@ -142,6 +142,7 @@ class ImageActivationDataModule(ActivationDataModule):
             self.val_indices = [indices[i % len(indices)] for i in range(val_images)]
         self.holdout = holdout
         self._val_batches: list[Tensor] | None = None
+        self._held_out: Tensor | None = None
 
     @functools.cached_property
     def layer_shape(self) -> tuple[int, int, int]:
@@ -186,12 +187,23 @@ class ImageActivationDataModule(ActivationDataModule):
             self._val_batches = Batches(self._extract_val())
         return self._val_batches
 
+    def held_out_images(self) -> Tensor:
+        """The validation images as a (N, 3, S, S) uint8 CPU tensor, in a fixed order (cached).
+
+        These are the images behind `val_dataloader()`: callbacks and evaluation find dataset examples here.
+        """
+        if self._held_out is None:
+            held_out = HeldOutImages(self.source, self.val_indices, self.crop, derive_seed(self.seed, 9),
+                                     not self.holdout)
+            loader = DataLoader(held_out, batch_size=self.image_batch_size, num_workers=0)
+            self._held_out = torch.cat([pixels for pixels, _ in loader])
+        return self._held_out
+
     def _extract_val(self) -> list[Tensor]:
-        held_out = HeldOutImages(self.source, self.val_indices, self.crop, derive_seed(self.seed, 9), not self.holdout)
-        loader = DataLoader(held_out, batch_size=self.image_batch_size, num_workers=0)
         self.extractor.to(self.device)
         with torch.inference_mode():
-            chunks = [to_vectors(self.extractor(pixels.to(self.device)), None, None) for pixels, _ in loader]
+            chunks = [to_vectors(self.extractor(pixels.to(self.device)), None, None)
+                      for pixels in self.held_out_images().split(self.image_batch_size)]
         vectors = torch.cat(chunks).clone()
         return list(vectors.split(self.batch_size))
 

@@ -100,7 +100,9 @@ class SAEModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- training -------------------------------------------------------------------------------------
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """One step on a (B, d_in) batch. Returns the loss and, detached, what callbacks read:
+        x (B, d_in) scaled inputs, x_hat (B, d_in) and f (B, d_sae)."""
         x = batch.float() * self.input_scale
         out = self.sae(x)
         dead = self.vectors_since_fired >= self.dead_window
@@ -122,7 +124,7 @@ class SAEModule(L.LightningModule):
             }
         self.log_dict(stats, on_step=True, prog_bar=False)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
-        return losses.loss
+        return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
 
     def _update_firing(self, f: Tensor) -> None:
         """Count vectors since each feature last fired, over all ranks (so dead masks agree everywhere)."""

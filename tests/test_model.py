@@ -378,3 +378,11 @@ def test_receptive_field__gradient_support_is_the_crop_box(layer, image_size, po
     # Reaches every edge of the box (max-pools route gradient to one cell per window, so not every pixel).
     assert support[top].any() and support[bottom - 1].any()
     assert support[:, left].any() and support[:, right - 1].any()
+
+
+def test_random_weights__are_the_same_network_whatever_the_global_seed():
+    torch.manual_seed(1)
+    a = load_inceptionv1(pretrained=False)
+    torch.manual_seed(2)
+    b = load_inceptionv1(pretrained=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -63,6 +63,9 @@ def weights_source(net: nn.Module) -> str | None:
     return getattr(net, _SOURCE_ATTR, None)
 
 
+RANDOM_WEIGHTS_SEED = 0
+
+
 def load_inceptionv1(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
     """Lucent's InceptionV1 in eval mode with frozen parameters.
 
@@ -73,7 +76,11 @@ def load_inceptionv1(pretrained: bool = True, weights: str | os.PathLike | None 
         raise WeightsError(
             f"model.pretrained=false asks for random weights but model.weights={weights!s} asks for a file; drop one."
         )
-    net = InceptionV1(pretrained=False)
+    # Random weights are always the same network (seed 0, whatever the global RNG state), so an SAE trained
+    # on them can be evaluated later on the very network it saw.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        net = InceptionV1(pretrained=False)
     if weights is not None:
         path = Path(weights).expanduser()
         _load_checked(net, read_state_dict(path), origin=str(path))

@@ -2,26 +2,70 @@
 
 Outputs, in the run directory: checkpoints/, config_resolved.yaml, sae.safetensors and sae.json.
 Returns `optimized_metric` to Hydra sweepers.
+
+Resume: `python train.py ... hydra.run.dir=RUN_DIR ckpt_path=last` continues RUN_DIR/checkpoints/last.ckpt
+exactly (weights, optimizer, schedules, dead-feature counters, RNG, position in the data stream). A resumed run
+must name the original run directory. Exit status: 0 done, 2 bad input, 3 non-finite loss (the last good
+checkpoint is kept), 143 stopped by SIGTERM after saving last.ckpt.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from callbacks.preemption import PreemptionCheckpoint
 from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
 from sae.nn.io import atomic_write_bytes
+from sae.train.guards import CheckpointError, ResumeMismatchError, SafeCheckpointIO, load_checkpoint_file
 
 log = logging.getLogger("sae")
 
 
+def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> Path | None:
+    """`ckpt_path`: null (fresh run), "last" (this run directory's last.ckpt, which must exist), "auto"
+    (last.ckpt if there is one, else a fresh run: for jobs that a scheduler may requeue) or a file."""
+    if not ckpt_path:
+        return None
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if str(ckpt_path) == "auto":
+        return last if last.is_file() else None
+    if str(ckpt_path) == "last":
+        if not last.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: {last} does not exist. A resumed run must use the directory of the run it "
+                "continues: add hydra.run.dir=THAT_RUN_DIR (for example the outputs/DATE/TIME_NAME folder it "
+                "wrote), or use ckpt_path=auto to start fresh when there is nothing to resume."
+            )
+        return last
+    return Path(ckpt_path).expanduser()
+
+
+def check_resume(path: Path, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """Before any training: the checkpoint reads whole and holds this SAE and this data stream."""
+    checkpoint = load_checkpoint_file(path)
+    module.check_resumable(checkpoint, name=str(path))
+    saved_seed = checkpoint.get(type(datamodule).__qualname__, {}).get("seed", datamodule.seed)
+    if saved_seed != datamodule.seed:
+        raise ResumeMismatchError(f"{path} was trained with seed={saved_seed} but this run has seed={datamodule.seed}; "
+                                  "resume with the original seed.")
+    log.info("resuming from %s (step %d)", path, checkpoint["global_step"])
+    # A kill during an atomic write leaves its temp file (never a torn checkpoint): tidy those away.
+    for stale in path.parent.glob(".*.ckpt.*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by a write that was interrupted", stale.name)
+
+
 def train(cfg: DictConfig) -> float | None:
     out_dir = check_writable(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     if random_weights(cfg):
         log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
@@ -29,13 +73,25 @@ def train(cfg: DictConfig) -> float | None:
     config = run_config(cfg)
     metadata = {"layer": cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
+    if ckpt_path is not None:
+        check_resume(ckpt_path, module, datamodule)
     atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     logger = build_logger(cfg)
+    preemption = PreemptionCheckpoint()
     try:
-        trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=build_callbacks(cfg))
+        plugins = [SafeCheckpointIO(), *hydra.utils.instantiate(cfg.trainer.get("plugins") or [])]
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=[*build_callbacks(cfg), preemption],
+                                          plugins=plugins)
         if logger:
             logger.log_hyperparams(config)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+        except SIGTERMException:
+            pass  # Lightning's way of leaving fit after SIGTERM; PreemptionCheckpoint has saved last.ckpt
+        if preemption.preempted or trainer.received_sigterm:
+            log.warning("stopped by SIGTERM at step %d; continue with ckpt_path=last hydra.run.dir=%s",
+                        trainer.global_step, out_dir)
+            raise Preempted()
         if trainer.is_global_zero:
             module.export(out_dir)
             log.info("exported %s", out_dir / "sae.safetensors")
@@ -45,17 +101,32 @@ def train(cfg: DictConfig) -> float | None:
         close_logger(logger)
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving last.ckpt (no export: the SAE is not finished)."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from sae.errors import user_error
+    from sae.errors import EXIT_PREEMPTED, exit_code, user_error
+    from sae.launch import sweep_job
 
     try:
         return train(cfg)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
     except Exception as e:
         if (bad_input := user_error(e)) is None:
             raise
         log.error("%s: %s", type(bad_input).__name__, bad_input)  # one clear line, no traceback
-        sys.exit(2)
+        if sweep_job() is not None:
+            # In a sweep, an exception (not an exit) marks this job failed while Hydra's launcher runs the
+            # others; the sweep reports the failure at the end.
+            raise JobFailed(f"{type(bad_input).__name__}: {bad_input}") from None
+        sys.exit(exit_code(bad_input))
+
+
+class JobFailed(Exception):
+    """One sweep job's bad input or divergence, in one line."""
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The errors that mean "bad input": train.py and evaluate.py print them in one line, without a traceback."""
+"""The errors that mean "bad input" or "the run stopped itself": train.py and evaluate.py print them in one
+line, without a traceback, and exit with `exit_code(error)`."""
 
 from sae.data import ImageSourceError, VectorFileError
 from sae.launch import OutputDirError
 from sae.model import UnknownLayerError, WeightsError, WeightsUnavailableError
 from sae.nn import SAEConfigError
+from sae.train.guards import CheckpointError, NonFiniteLossError, ResumeMismatchError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ImageSourceError,
@@ -13,7 +15,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WeightsError,
     WeightsUnavailableError,
     SAEConfigError,
+    CheckpointError,
+    ResumeMismatchError,
+    NonFiniteLossError,
 )
+
+EXIT_BAD_INPUT = 2  # fix the command line or the files, then run again
+EXIT_NON_FINITE = 3  # training diverged: the last good checkpoint is kept
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: last.ckpt was saved; resume with ckpt_path=last
 
 
 def user_error(error: BaseException) -> BaseException | None:
@@ -23,3 +32,8 @@ def user_error(error: BaseException) -> BaseException | None:
             return error
         error = error.__cause__
     return None
+
+
+def exit_code(error: BaseException) -> int:
+    """The process exit status for an error that `user_error` recognised."""
+    return EXIT_NON_FINITE if isinstance(error, NonFiniteLossError) else EXIT_BAD_INPUT

@@ -14,6 +14,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import hydra
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("sae")
@@ -30,7 +33,7 @@ def check_writable(directory: str | Path) -> Path:
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # per process: DDP ranks probe the same directory
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -61,6 +64,114 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+class FallbackWandbLogger(WandbLogger):
+    """A WandbLogger that never stops a run and never loses its metrics.
+
+    - At start, if `wandb.init` fails (no network, a server error: it waits up to `init_timeout` seconds), the
+      run starts again offline under `save_dir/wandb`, one warning says so, and `wandb sync` uploads it later.
+    - During the run, a network outage is handled by W&B itself (its service keeps everything in
+      `save_dir/wandb` and retries). If a W&B call raises (its service died, its disk filled), one warning is
+      printed, W&B is left alone for the rest of the run, and metrics go on to `save_dir/wandb-fallback/`
+      (a CSV file). Training is never interrupted by logging.
+    """
+
+    def __init__(self, *args: Any, init_timeout: float = 90, **kwargs: Any) -> None:
+        if "settings" not in kwargs:
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
+        super().__init__(*args, **kwargs)
+        self.failure: str | None = None
+        self._fallback: CSVLogger | None = None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self.failure is not None:
+            return DummyExperiment()
+        try:
+            return WandbLogger.experiment.fget(self)
+        except Exception as e:  # noqa: BLE001 - any failure to start W&B: go offline, never stop training
+            import wandb
+
+            if wandb.run is not None or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+                self._fail(e)
+                return DummyExperiment()
+            log.warning("W&B could not start (%s: %s); logging offline under %s/wandb instead. Sync it later "
+                        "with `wandb sync %s/wandb/offline-run-*`.", type(e).__name__, e, self.save_dir, self.save_dir)
+            os.environ["WANDB_MODE"] = "offline"
+            wandb.teardown()  # W&B reads its mode once per service: start a fresh one that reads "offline"
+            return self.experiment
+
+    def _fail(self, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = f"{type(error).__name__}: {error}"
+            log.warning("W&B failed during the run (%s); training continues, W&B is switched off and metrics go on "
+                        "to %s. What W&B already holds is in %s/wandb.", self.failure, self.fallback.log_dir,
+                        self.save_dir)
+
+    @property
+    def fallback(self) -> CSVLogger:
+        """The CSV logger that takes over once W&B has failed."""
+        if self._fallback is None:
+            self._fallback = CSVLogger(self.save_dir or ".", name="wandb-fallback", version="")
+        return self._fallback
+
+    def _guarded(self, method: str, *args: Any, **kwargs: Any) -> bool:
+        """Call WandbLogger.`method`; False (and W&B off) if it raised or W&B had already failed."""
+        if self.failure is None:
+            try:
+                getattr(WandbLogger, method)(self, *args, **kwargs)
+                return True
+            except Exception as e:  # noqa: BLE001 - logging must not end a training run
+                self._fail(e)
+        return False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self._guarded("log_metrics", metrics, step):
+            self.fallback.log_metrics(metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if not self._guarded("log_hyperparams", params):
+            self.fallback.log_hyperparams(params)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_table", *args, **kwargs)
+
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_text", *args, **kwargs)
+
+    def log_image(self, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_image", *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._guarded("after_save_checkpoint", checkpoint_callback)
+
+    @rank_zero_only
+    def save(self) -> None:
+        if self._fallback is not None:
+            self._fallback.save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._guarded("finalize", status)
+        if self._fallback is not None:
+            self._fallback.finalize(status)
+
+
+def sweep_job() -> tuple[str, int] | None:
+    """(sweep directory, this job's number) inside a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    return str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
+
+
 def build_logger(cfg: DictConfig) -> Any:
     """The configured Lightning logger, or False for logger=none.
 
@@ -76,6 +187,12 @@ def build_logger(cfg: DictConfig) -> Any:
         if random_weights(cfg):
             tags.append(RANDOM_WEIGHTS_TAG)
         overrides["tags"] = sorted(set(tags))
+        if (sweep := sweep_job()) is not None:
+            # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise).
+            # (The job's overrides are in the run's config; the name only needs to be unique and short.)
+            sweep_dir, job_num = sweep
+            overrides["group"] = cfg.logger.get("group") or f"sweep:{sweep_dir}"[-128:]
+            overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name}#{job_num}"
         mode = os.environ.get("WANDB_MODE", "").lower()
         if mode in ("offline", "dryrun") or (not mode and not cfg.logger.get("offline") and not wandb_has_credentials()):
             overrides["offline"] = True
@@ -110,8 +227,12 @@ def close_logger(logger: Any) -> None:
     try:
         logger.finalize("success")
     finally:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                try:
+                    wandb.finish()
+                except Exception as e:  # noqa: BLE001 - the run's files are written; W&B's tail is not worth a crash
+                    log.warning("W&B did not finish cleanly (%s: %s); its local copy is in %s/wandb.",
+                                type(e).__name__, e, logger.save_dir)

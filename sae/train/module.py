@@ -17,12 +17,14 @@ from torch import Tensor
 
 from sae.metrics import SparsityMetrics
 from sae.nn import SparseAutoencoder, build_sae, save_sae
+from sae.train.guards import NonFiniteLossError, ResumeMismatchError
 from sae.train.resampling import ResampleSchedule, draw_replacements, resample_features_
 from sae.train.schedules import lr_factor, sparsity_factor
 
 log = logging.getLogger(__name__)
 
 DEAD_WINDOW_MAX = 10_000_000  # vectors; the TopK paper's definition of a dead latent
+HOST_CHECK_EVERY = 10  # steps between reads of device flags (dead latents, non-finite loss): no per-step sync
 
 
 class SAEModule(L.LightningModule):
@@ -52,6 +54,8 @@ class SAEModule(L.LightningModule):
         **arch_hparams: Any,
     ):
         super().__init__()
+        # Plain containers (not a config library's), so checkpoints load with torch.load(weights_only=True).
+        resample, betas, metadata = (dict(resample) if resample else None), tuple(betas), dict(metadata or {})
         self.save_hyperparameters()
         self.sae: SparseAutoencoder = build_sae(
             architecture, int(d_in), d_sae=d_sae, expansion=None if d_sae is not None else expansion, **arch_hparams
@@ -66,6 +70,9 @@ class SAEModule(L.LightningModule):
         self.register_buffer("input_scale", torch.zeros(()))  # 0 until estimated; restored from checkpoints
         self.register_buffer("vectors_since_fired", torch.zeros(d, dtype=torch.long))
         self.register_buffer("dead_window", torch.tensor(int(dead_window or 0)))
+        self.register_buffer("any_dead", torch.zeros((), dtype=torch.bool))  # see _any_dead
+        self.register_buffer("nonfinite_seen", torch.zeros((), dtype=torch.bool), persistent=False)
+        self._any_dead_cached: bool | None = None
         # Not a submodule: fresh for each validation, so "dead" there means "fired on no held-out vector".
         self._val: dict[str, SparsityMetrics] = {}
 
@@ -107,33 +114,73 @@ class SAEModule(L.LightningModule):
         out = self.sae(x)
         dead = self.vectors_since_fired >= self.dead_window
         losses = self.sae.loss(x, out, sparsity_scale=sparsity_factor(self.global_step, self.sparsity_warmup_steps),
-                               dead_mask=dead)
-        self._update_firing(out.f)
-        with torch.no_grad():
-            residual = (x - out.x_hat).pow(2).sum()
-            total = (x - x.mean(dim=0)).pow(2).sum()
-            stats = {
-                "train/loss": losses.loss,
-                "train/mse": losses.mse,
-                "train/sparsity_loss": losses.sparsity,
-                "train/aux_loss": losses.aux,
-                "train/l1": out.f.abs().sum(dim=1).mean(),
-                "train/l0": (out.f > 0).float().sum(dim=1).mean(),
-                "train/explained_variance": 1 - residual / total,
-                "train/dead_fraction": dead.float().mean(),
-            }
-        self.log_dict(stats, on_step=True, prog_bar=False)
+                               dead_mask=dead if self._any_dead(dead) else None)
+        fired = out.f > 0
+        if self._update_firing(fired, nonfinite=~torch.isfinite(losses.loss.detach())):
+            # Before backward on CPU (checked every step there); on an accelerator within HOST_CHECK_EVERY steps.
+            # Either way no checkpoint is written with non-finite weights (SafeCheckpointIO refuses them).
+            raise NonFiniteLossError(
+                f"the training loss was found non-finite at step {self.global_step} (on some rank); the run stopped "
+                "and kept its last good checkpoint (checkpoints/last.ckpt). Resume it with ckpt_path=last and a "
+                "lower sae.lr (or a longer sae.lr_warmup_steps), or check the inputs."
+            )
+        if self._logs_this_step():
+            self._log_step(x, out, losses, fired, dead)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
         return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
 
-    def _update_firing(self, f: Tensor) -> None:
-        """Count vectors since each feature last fired, over all ranks (so dead masks agree everywhere)."""
-        fired = (f > 0).any(dim=0).to(torch.int32)
-        n = torch.tensor(f.shape[0], device=f.device)
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logs: the train/* statistics cost (B, d_sae) passes, so they
+        are computed only then."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    @torch.no_grad()
+    def _log_step(self, x: Tensor, out, losses, fired: Tensor, dead: Tensor) -> None:
+        residual = (x - out.x_hat).pow(2).sum()
+        total = (x - x.mean(dim=0)).pow(2).sum()
+        self.log_dict({
+            "train/loss": losses.loss,
+            "train/mse": losses.mse,
+            "train/sparsity_loss": losses.sparsity,
+            "train/aux_loss": losses.aux,
+            "train/l1": out.f.abs().sum(dim=1).mean(),
+            "train/l0": fired.sum(dim=1, dtype=torch.int32).float().mean(),
+            "train/explained_variance": 1 - residual / total,
+            "train/dead_fraction": dead.float().mean(),
+        }, on_step=True, prog_bar=False)
+
+    def _any_dead(self, dead: Tensor) -> bool:
+        """Whether any latent is dead, read from the device once every HOST_CHECK_EVERY steps (not per step).
+
+        While none is, the loss gets no dead mask and AuxK costs nothing. A latent that dies in between waits
+        at most HOST_CHECK_EVERY steps for AuxK: nothing next to the dead window itself. The flag is a buffer,
+        so a resumed run continues with the same value."""
+        if self.global_step % HOST_CHECK_EVERY == 0:
+            self.any_dead.copy_(dead.any())
+            self._any_dead_cached = None
+        if self._any_dead_cached is None:
+            self._any_dead_cached = bool(self.any_dead)
+        return self._any_dead_cached
+
+    def _update_firing(self, fired: Tensor, nonfinite: Tensor) -> bool:
+        """Count vectors since each feature last fired, over all ranks (so dead masks agree everywhere).
+
+        `fired` (B, d_sae) bool. Returns whether the loss has been non-finite on any rank: one collective
+        carries both, so every rank stops at the same step. The flag is read from the device every step on
+        CPU (free there) and every HOST_CHECK_EVERY steps elsewhere (a read is a host sync)."""
+        flags = torch.cat([fired.any(dim=0), nonfinite.reshape(1)]).to(torch.int32)
+        n = fired.shape[0]
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            n = torch.tensor(n, device=flags.device)
             dist.all_reduce(n)
-        self.vectors_since_fired.add_(n).masked_fill_(fired.bool(), 0)
+        self.nonfinite_seen.logical_or_(flags[-1].bool())
+        check = flags.device.type == "cpu" or self.global_step % HOST_CHECK_EVERY == HOST_CHECK_EVERY - 1
+        if check and bool(self.nonfinite_seen):
+            return True
+        self.vectors_since_fired.add_(n).masked_fill_(flags[:-1].bool(), 0)
+        return False
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.project_decoder_grad_()
@@ -171,12 +218,71 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._val.pop("metrics")
-        # compute() is already reduced over ranks (a collective: every rank calls it).
-        self.log_dict({f"val/{k}": v for k, v in metrics.compute().items()})
+        # compute() is already reduced over ranks (a collective: every rank calls it); floats, so that Lightning
+        # neither reduces them again nor warns that it does not.
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.compute().items()})
         self.val_feature_frequency = metrics.feature_frequency()
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Nothing in training draws from the global RNGs today (resampling and the data stream are seeded by
+        # step), but a resumed run must stay exact if something ever does.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_resumable(checkpoint)
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+    def check_resumable(self, checkpoint: dict[str, Any], name: str = "the checkpoint") -> None:
+        """Raise ResumeMismatchError if `checkpoint` holds a different SAE (layer, widths, architecture)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        W_dec = checkpoint.get("state_dict", {}).get("sae.W_dec")
+
+        def describe(layer, arch, d_sae, d_in) -> str:
+            return f"layer={layer}, sae.architecture={arch}, d_sae={d_sae}, d_in={d_in}"
+
+        theirs = describe((saved.get("metadata") or {}).get("layer"), saved.get("architecture"),
+                          None if W_dec is None else W_dec.shape[0], None if W_dec is None else W_dec.shape[1])
+        ours = describe(self.metadata.get("layer"), self.hparams.architecture, self.sae.d_sae, self.sae.d_in)
+        if theirs != ours:
+            raise ResumeMismatchError(
+                f"{name} was trained with {theirs} but this run is configured with {ours}. Resume with the "
+                "original settings (the run directory's config_resolved.yaml lists them), or start a new run "
+                "without ckpt_path."
+            )
 
     # -- export ---------------------------------------------------------------------------------------
     def export(self, directory: str | Path, **metadata: Any) -> None:
         """Write sae.safetensors + sae.json in the layer's units (atomic)."""
         meta = {**self.metadata, **metadata, "input_scale": float(self.input_scale), "global_step": self.global_step}
         save_sae(self.sae, directory, scale=float(self.input_scale) or 1.0, metadata=meta)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, random), as tensors and plain types."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(states["python"])

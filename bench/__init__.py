@@ -1,0 +1,1 @@
+"""Benchmarks: slow measurements kept out of the test suite (run them as scripts, e.g. python bench/planted.py)."""

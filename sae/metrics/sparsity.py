@@ -69,7 +69,9 @@ class FeatureFiring(Metric):
 
     def update(self, f: Tensor) -> None:
         f = rows(f)
-        self.fire_count += (f > 0).sum(0)
+        # int32 partial sums: summing a bool tensor in int64 is ~1.7x slower on CPU, and one batch's count
+        # fits; the running total stays int64.
+        self.fire_count += (f > 0).sum(0, dtype=torch.int32)
         self.n_vectors += f.shape[0]
 
     def compute(self) -> Tensor:
@@ -149,7 +151,9 @@ class DeadFraction(Metric):
 
     def update(self, f: Tensor) -> None:
         f = rows(f)
-        self.fire_count += (f > 0).sum(0)
+        # int32 partial sums: summing a bool tensor in int64 is ~1.7x slower on CPU, and one batch's count
+        # fits; the running total stays int64.
+        self.fire_count += (f > 0).sum(0, dtype=torch.int32)
         self.n_vectors += f.shape[0]
 
     def _fold(self) -> None:

@@ -1,0 +1,69 @@
+"""DatasetExamples: the held-out image patches where chosen SAE features fire most, next to neurons'."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning as L
+
+from callbacks.held_out import Selection, feature_scan, frequency_label, has_images, neuron_scan
+from callbacks.media import log_images, run_dir, save_png, step_name
+from callbacks.periodic import PeriodicCallback
+from sae.analysis.examples import ActivationScan, crops, image_grid, tile_captions
+
+log = logging.getLogger("sae")
+
+
+class DatasetExamples(PeriodicCallback):
+    """Top-k receptive-field crops over `datamodule.held_out_images()`, the activation under each.
+
+    Every `every_n_steps` and at the end of training (rank zero), for the features chosen by `features` /
+    `n_features` (see `callbacks.held_out.Selection`) and, as the baseline, for `neurons` of the layer:
+    one row per unit, the k images where it fires most (one position per image), each cropped to the
+    layer's receptive field at that position (grey where the field leaves the image).
+
+    Logged as the W&B images `features/dataset_examples` (SAE grid, neuron grid) and saved as
+    `<run_dir>/features/dataset_examples/{sae,neurons}_stepNNNNNNN.png`. With precomputed vectors
+    (data=vectors) there are no images: it says so once and does nothing.
+    """
+
+    name = "dataset_examples"
+    key = "features/dataset_examples"
+
+    def __init__(self, every_n_steps: int | None = None, at_end: bool | None = None,
+                 features: str | Sequence[int] = "frequent", n_features: int = 8, neurons: int | Sequence[int] = 4,
+                 k: int = 9, crop_size: int = 64, seed: int = 0, max_overhead: float | None = 0.05) -> None:
+        super().__init__(every_n_steps, at_end, max_overhead)
+        self.selection = Selection(features, n_features, neurons, seed)
+        self.k, self.crop_size = int(k), int(crop_size)
+        self._neuron_grid = None  # the network is frozen: neurons' examples never change
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not has_images(datamodule):
+            self.disable("the data has no images (precomputed vectors), so there are no dataset examples")
+            return
+        images, layer, step = datamodule.held_out_images(), datamodule.extractor.layer, trainer.global_step
+        scan = feature_scan(trainer, pl_module)
+        features = self.selection.pick_features(scan)
+        if not features:
+            log.warning("%s at step %d: no SAE feature fired on the held-out images; nothing to show", self.name, step)
+            return
+        sae_grid = self._grid(images, layer, scan, features, "feature",
+                              f"SAE features, step {step}: top {self.k} held-out crops")
+        neurons = self.selection.pick_neurons(datamodule.d_in)
+        if self._neuron_grid is None:
+            self._neuron_grid = self._grid(images, layer, neuron_scan(trainer, neurons), neurons, "neuron",
+                                           f"neurons of {layer}: top {self.k} held-out crops")
+        directory = run_dir(trainer) / "features" / "dataset_examples"
+        save_png(sae_grid, directory / step_name("sae", step))
+        save_png(self._neuron_grid, directory / step_name("neurons", step))
+        log_images(trainer, self.key, [sae_grid, self._neuron_grid],
+                   [f"SAE features {features} (step {step})", f"neurons {neurons}"], step)
+
+    def _grid(self, images, layer: str, scan: ActivationScan, units: list[int], kind: str, title: str):
+        top = scan.top(units, self.k)
+        tiles = crops(images, layer, top, self.crop_size)
+        labels = [f"{kind} {u}\n{frequency_label(scan, u)}" for u in units]
+        return image_grid(tiles, labels, tile_captions(top), title=title)

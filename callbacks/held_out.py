@@ -1,0 +1,71 @@
+"""The SAE's features and the layer's neurons on the held-out images, shared by the visual callbacks.
+
+The held-out vectors are the validation batches the DataModule already extracted (image-major, every
+position), so a scan costs one SAE encoding of them and no InceptionV1 pass. Both visual callbacks select
+their features from the same scan, so at the same step they show the same features; the last scan is
+cached until the SAE's parameters change.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from sae.analysis.examples import ActivationScan, scan_vectors, select_features, select_neurons
+
+_cache: dict = {}
+
+
+def has_images(datamodule) -> bool:
+    return hasattr(datamodule, "held_out_images") and hasattr(datamodule, "extractor")
+
+
+def _version(pl_module: L.LightningModule) -> tuple:
+    sae = pl_module.sae
+    return (id(sae), pl_module.global_step, *(p._version for p in sae.parameters()))
+
+
+def feature_scan(trainer: L.Trainer, pl_module: L.LightningModule) -> ActivationScan:
+    """Every SAE feature over the held-out images: per-image maxima and firing frequencies."""
+    key = _version(pl_module)
+    if _cache.get("key") != key:
+        datamodule = trainer.datamodule
+        _, h, w = datamodule.layer_shape
+        scale = float(pl_module.input_scale) if hasattr(pl_module, "input_scale") else 1.0
+        _cache.clear()
+        _cache.update(key=key, scan=scan_vectors(datamodule.val_dataloader(), (h, w), pl_module.sae,
+                                                 input_scale=scale))
+    return _cache["scan"]
+
+
+def neuron_scan(trainer: L.Trainer, neurons: list[int]) -> ActivationScan:
+    """The given neurons over the held-out images (they never change: the network is frozen)."""
+    datamodule = trainer.datamodule
+    _, h, w = datamodule.layer_shape
+    return scan_vectors(datamodule.val_dataloader(), (h, w), None, units=neurons)
+
+
+class Selection:
+    """Which SAE features and neurons to show: the callbacks' shared `features`/`neurons` arguments.
+
+    features: "frequent" (most frequent on the held-out images), "random" (random alive ones, seeded) or a
+    list of indices; n_features: how many; neurons: a number of random neurons (seeded) or a list.
+    """
+
+    def __init__(self, features="frequent", n_features: int = 8, neurons=4, seed: int = 0) -> None:
+        if isinstance(features, str) and features not in ("frequent", "random"):
+            raise ValueError(f"features={features!r} is unknown: use 'frequent', 'random' or a list of indices")
+        self.features = features if isinstance(features, str) else [int(i) for i in features]
+        self.n_features, self.seed = int(n_features), int(seed)
+        self.neurons = neurons if isinstance(neurons, int) else [int(i) for i in neurons]
+
+    def pick_features(self, scan: ActivationScan) -> list[int]:
+        return select_features(scan.frequency, self.features, self.n_features, self.seed)
+
+    def pick_neurons(self, d_in: int) -> list[int]:
+        return select_neurons(d_in, self.neurons, self.seed)
+
+
+def frequency_label(scan: ActivationScan, unit: int) -> str:
+    """e.g. 'freq 3.1e-03' for a scanned unit."""
+    column = scan.units.index(unit)
+    return f"freq {float(scan.frequency[column]):.1e}"

@@ -1,0 +1,76 @@
+"""Images and histograms to the loggers that take them (W&B, TensorBoard), and to files in the run directory.
+
+Scalars go through `pl_module.log`; media need the logger's own API. Files always land in the run directory
+(`trainer.default_root_dir`, which train.py sets to the Hydra output directory), so `logger=csv` and
+`logger=none` runs keep every picture.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch import Tensor
+
+from sae.nn.io import atomic_write_bytes
+
+log = logging.getLogger("sae")
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def step_name(prefix: str, step: int, suffix: str = ".png") -> str:
+    """e.g. density_step0000200.png: zero-padded so that files sort by step."""
+    return f"{prefix}_step{step:07d}{suffix}"
+
+
+def save_png(image, path: Path) -> Path:
+    """Write a PIL image or a matplotlib figure as PNG, atomically."""
+    buffer = io.BytesIO()
+    if hasattr(image, "savefig"):
+        image.savefig(buffer, format="png", dpi=100)
+    else:
+        image.save(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _kind(logger) -> str:
+    name = type(logger).__name__
+    return {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard"}.get(name, "other")
+
+
+def has_wandb(trainer: L.Trainer) -> bool:
+    return any(_kind(logger) == "wandb" for logger in trainer.loggers)
+
+
+def log_images(trainer: L.Trainer, key: str, images: list, captions: list[str], step: int) -> None:
+    """Log PIL images under `key` (one captioned W&B media panel; TensorBoard: key/0, key/1, ...)."""
+    for logger in trainer.loggers:
+        kind = _kind(logger)
+        if kind == "wandb":
+            logger.log_image(key, images, step=step, caption=captions)
+        elif kind == "tensorboard":
+            for i, image in enumerate(images):
+                logger.experiment.add_image(f"{key}/{i}", np.asarray(image), step, dataformats="HWC")
+
+
+def log_histogram(trainer: L.Trainer, key: str, values: Tensor, step: int) -> bool:
+    """Log a histogram of `values` to W&B (wandb.Histogram) and TensorBoard; False if no logger took it."""
+    taken = False
+    for logger in trainer.loggers:
+        kind = _kind(logger)
+        if kind == "wandb":
+            import wandb
+
+            logger.log_metrics({key: wandb.Histogram(values.detach().double().cpu().numpy())}, step=step)
+            taken = True
+        elif kind == "tensorboard":
+            logger.experiment.add_histogram(key, values.detach().cpu(), step)
+            taken = True
+    return taken

@@ -1,0 +1,133 @@
+"""Compare evaluated runs (a sweep): one row per run, the sparsity–fidelity frontier, written as
+compare.csv, compare.json, compare.png and a sortable compare.html.
+
+The frontier is the set of runs no other run beats on both L0 (lower is better) and explained variance
+(higher is better); spliced-in KL colours the points, since two SAEs with equal MSE can differ a lot in how
+much of the network's behaviour they keep.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sae.analysis.report import Column, relative, render_page, write_page
+from sae.nn.io import atomic_write_bytes
+
+# (column key, where in metrics.json, label)
+FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("layer", ("run", "layer"), "layer"),
+    ("architecture", ("run", "architecture"), "arch"),
+    ("d_sae", ("run", "d_sae"), "d_sae"),
+    ("l0", ("reconstruction", "l0"), "L0"),
+    ("explained_variance", ("reconstruction", "explained_variance"), "EV"),
+    ("fvu", ("reconstruction", "fvu"), "FVU"),
+    ("dead_fraction", ("reconstruction", "dead_fraction"), "dead"),
+    ("kl_sae", ("fidelity", "kl_sae"), "spliced KL"),
+    ("top1_sae", ("fidelity", "top1_sae"), "top-1 agree"),
+    ("recovered_mean", ("fidelity", "recovered_mean"), "KL recovered (mean abl.)"),
+    ("n_curve_features", ("curves", "n_curve_features"), "curve features"),
+    ("ii_features_lpips", ("interpretability", "lpips", "features", "median"), "II lpips (median)"),
+    ("ii_features_pixel", ("interpretability", "pixel", "features", "median"), "II pixel (median)"),
+)
+TEXT_FIELDS = ("run", "layer", "architecture")
+
+
+def _get(metrics: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def comparison_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One row per run from its eval/metrics.json; raises a clear error for a run never evaluated."""
+    rows = []
+    for run in run_dirs:
+        path = Path(run) / "eval" / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: evaluate the run first (python evaluate.py run={run}), "
+                                    "or use runs=[...] to evaluate and compare in one go.")
+        metrics = json.loads(path.read_text())
+        row = {"run": str(run)}
+        row.update({key: _get(metrics, where) for key, where, _ in FIELDS})
+        rows.append(row)
+    return rows
+
+
+def pareto_front(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of rows not dominated in (lower l0, higher explained_variance), sorted by l0."""
+    points = [(i, r["l0"], r["explained_variance"]) for i, r in enumerate(rows)
+              if _finite(r.get("l0")) and _finite(r.get("explained_variance"))]
+    front = [i for i, l0, ev in points
+             if not any(l0b <= l0 and evb >= ev and (l0b, evb) != (l0, ev) for _, l0b, evb in points)]
+    return sorted(front, key=lambda i: rows[i]["l0"])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def frontier_figure(rows: Sequence[dict[str, Any]]):
+    """L0 vs explained variance (colour: spliced-in KL), and L0 vs spliced-in KL; frontier joined by a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    ok = [r for r in rows if _finite(r.get("l0")) and _finite(r.get("explained_variance"))]
+    kl = [r["kl_sae"] if _finite(r.get("kl_sae")) else float("nan") for r in ok]
+    points = left.scatter([r["l0"] for r in ok], [r["explained_variance"] for r in ok], c=kl, cmap="viridis_r")
+    if any(math.isfinite(v) for v in kl):
+        figure.colorbar(points, ax=left, label="spliced-in KL (nats)")
+    front = [rows[i] for i in pareto_front(rows)]
+    left.plot([r["l0"] for r in front], [r["explained_variance"] for r in front], "k--", lw=1, label="frontier")
+    for r in ok:
+        left.annotate(Path(r["run"]).name, (r["l0"], r["explained_variance"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    left.set(xlabel="L0 (features active per position)", ylabel="explained variance", title="sparsity vs reconstruction")
+    left.legend(fontsize=8)
+    with_kl = [r for r in ok if _finite(r.get("kl_sae"))]
+    right.scatter([r["l0"] for r in with_kl], [r["kl_sae"] for r in with_kl])
+    right.set(xlabel="L0", ylabel="spliced-in KL (nats, lower is better)", title="sparsity vs fidelity")
+    l0 = [r["l0"] for r in ok if r["l0"] > 0]
+    if l0 and max(l0) / min(l0) > 10:  # a sweep over decades of sparsity reads best on a log axis
+        left.set_xscale("log")
+        right.set_xscale("log")
+    figure.tight_layout()
+    return figure
+
+
+def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Write compare.csv/.json/.png/.html for already evaluated runs into `out`; returns the rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(run_dirs)
+    front = set(pareto_front(rows))
+    for i, row in enumerate(rows):
+        row["on_frontier"] = "yes" if i in front else "no"
+    keys = ["run", *[key for key, _, _ in FIELDS], "on_frontier"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "compare.csv", buffer.getvalue().encode())
+    atomic_write_bytes(out / "compare.json", json.dumps(rows, indent=2).encode())
+    buffer = io.BytesIO()
+    frontier_figure(rows).savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(out / "compare.png", buffer.getvalue())
+    columns = [Column("run", "run", kind="text"), Column("link", "browser", kind="text")]
+    columns += [Column(key, label, kind="text" if key in TEXT_FIELDS else "number") for key, _, label in FIELDS]
+    columns.append(Column("on_frontier", "frontier", kind="text"))
+    page_rows = [{**row, "link": relative(Path(row["run"]) / "eval" / "index.html", out)} for row in rows]
+    write_page(out / "compare.html", render_page(f"Comparison of {len(rows)} runs", columns, page_rows,
+                                                 figures=["compare.png"], sort="l0:asc"))
+    return rows

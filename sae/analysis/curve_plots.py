@@ -1,0 +1,85 @@
+"""Figures for the curve-detector analysis (matplotlib, no pyplot state: safe in scripts and threads)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .curves import Tuning, orientation_gap
+
+NEURON_COLOUR, FEATURE_COLOUR, KNOWN_COLOUR = "#1f77b4", "#d62728", "#2ca02c"
+
+
+def _degrees(values) -> np.ndarray:
+    """Orientations in [0, 360), NaNs (no preferred orientation) kept, for the caller to drop or skip."""
+    return np.remainder(np.asarray(values, dtype=np.float64).ravel(), 360.0)
+
+
+def orientation_wheel(
+    neuron_orientations: Sequence[float],
+    feature_orientations: Sequence[float],
+    known: Mapping[int, float] | Sequence[float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Preferred orientations (degrees) around the circle: curve neurons on the outer ring, SAE curve
+    features on the inner ring, and ``known`` neurons (e.g. mixed3b's 10 curve neurons, as {index:
+    orientation} or a list of orientations) marked and labelled. The title gives the largest gap left
+    by neurons alone and by neurons plus features."""
+    neurons, features = _degrees(neuron_orientations), _degrees(feature_orientations)
+    neurons, features = neurons[~np.isnan(neurons)], features[~np.isnan(features)]
+    figure = Figure(figsize=(6, 6))
+    ax = figure.add_subplot(projection="polar")
+    ax.set_theta_zero_location("E")
+    ax.set_theta_direction(1)  # counter-clockwise, as the orientation convention
+    ax.vlines(np.deg2rad(neurons), 0.8, 1.0, color=NEURON_COLOUR, lw=2, label=f"neurons ({len(neurons)})")
+    ax.vlines(np.deg2rad(features), 0.45, 0.7, color=FEATURE_COLOUR, lw=1.2, alpha=0.8,
+              label=f"SAE features ({len(features)})")
+    if known is not None:
+        items = known.items() if isinstance(known, Mapping) else enumerate(known)
+        pairs = [(str(k), float(v)) for k, v in items if not np.isnan(float(v))]  # silent units cannot be placed
+        labels, angles = zip(*pairs) if pairs else ((), ())
+        angles = _degrees(angles)
+        ax.scatter(np.deg2rad(angles), np.full(len(angles), 1.08), marker="v", s=40, color=KNOWN_COLOUR,
+                   label=f"known curve neurons ({len(angles)})", zorder=3)
+        if isinstance(known, Mapping):
+            for label, angle in zip(labels, angles):
+                ax.annotate(label, (np.deg2rad(angle), 1.2), ha="center", va="center", fontsize=7, color=KNOWN_COLOUR)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([])
+    gap_neurons = orientation_gap(neurons)
+    gap_both = orientation_gap(np.concatenate([neurons, features]))
+    ax.set_title(title or f"largest orientation gap: neurons {gap_neurons:.0f}°, neurons + features {gap_both:.0f}°",
+                 fontsize=10)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def tuning_figure(tuning: Tuning, units: Sequence[int], labels: Sequence[str] | None = None, columns: int = 4) -> Figure:
+    """Small multiples: for each unit, its response to curves, lines and angles against orientation."""
+    units = list(units)
+    if not units:
+        raise ValueError("tuning_figure needs at least one unit to plot.")
+    labels = list(labels) if labels is not None else [f"unit {u}" for u in units]
+    if len(labels) != len(units):
+        raise ValueError(f"{len(units)} units but {len(labels)} labels.")
+    columns = min(columns, len(units))
+    rows = -(-len(units) // columns)
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
+    theta = tuning.orientations.numpy()
+    for ax, unit, label in zip(axes.flat, units, labels):
+        for name, values, style in (("curve", tuning.curve, "-"), ("line", tuning.line, "--"), ("angle", tuning.angle, ":")):
+            ax.plot(theta, values[unit].numpy(), style, lw=1.4, label=name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([0, 90, 180, 270, 360])
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(units):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    for ax in axes[-1]:
+        ax.set_xlabel("orientation (°)", fontsize=8)
+    figure.tight_layout()
+    return figure

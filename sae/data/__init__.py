@@ -3,7 +3,7 @@
 from sae.data.datamodule import ActivationDataModule, ImageActivationDataModule, VectorDataModule
 from sae.data.images import CropSpec, ImageFolder, ImageSource, ImageSourceError, SampleImages, to_rgb
 from sae.data.stream import ActivationStream, ImageStream, StreamSampler, derive_seed, to_vectors
-from sae.data.vectors import VectorFileError, VectorStream, check_vectors, load_vectors
+from sae.data.vectors import ShardedVectors, ShardStream, VectorFileError, VectorStream, check_vectors, load_vectors
 
 __all__ = [
     "ActivationDataModule",
@@ -15,6 +15,8 @@ __all__ = [
     "ImageSourceError",
     "ImageStream",
     "SampleImages",
+    "ShardStream",
+    "ShardedVectors",
     "StreamSampler",
     "VectorDataModule",
     "VectorFileError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -27,7 +28,7 @@ from sae.data.stream import (
     extractor_output_shape,
     to_vectors,
 )
-from sae.data.vectors import VectorStream, check_vectors, load_vectors, split_holdout
+from sae.data.vectors import ShardedVectors, ShardStream, VectorStream, check_vectors, load_vectors, split_holdout
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,20 @@ class ActivationDataModule(L.LightningDataModule):
         self.batch_size, self.seed = int(batch_size), int(seed)
         self._start_batch = 0
         self._train_stream = None
+        self._device: torch.device | None = None
 
     # -- where the trainer runs ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The trainer's device; without a trainer, the one set here (e.g. by `sae.cache`), else CPU."""
         trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self._device or torch.device("cpu")
+
+    @device.setter
+    def device(self, device: str | torch.device) -> None:
+        self._device = torch.device(device)
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
@@ -143,6 +152,7 @@ class ImageActivationDataModule(ActivationDataModule):
         self.holdout = holdout
         self._val_batches: list[Tensor] | None = None
         self._held_out: Tensor | None = None
+        self._sample: tuple | None = None
 
     @functools.cached_property
     def layer_shape(self) -> tuple[int, int, int]:
@@ -173,6 +183,13 @@ class ImageActivationDataModule(ActivationDataModule):
 
     def sample_vectors(self, n: int) -> Tensor:
         # A separate seed: the sample is drawn from the training distribution without touching the stream.
+        # Kept, so that the K SAEs of a shared-stream sweep (sae=multi) extract it once, not K times.
+        key = (n, self.device)
+        if self._sample is None or self._sample[0] != key:
+            self._sample = (key, self._draw_sample(n))
+        return self._sample[1]
+
+    def _draw_sample(self, n: int) -> Tensor:
         stream = self._stream(0, derive_seed(self.seed, 8), vectors_per_window=n)
         batches, total = [], 0
         for batch in stream:
@@ -202,36 +219,64 @@ class ImageActivationDataModule(ActivationDataModule):
     def _extract_val(self) -> list[Tensor]:
         self.extractor.to(self.device)
         with torch.inference_mode():
-            chunks = [to_vectors(self.extractor(pixels.to(self.device)), None, None)
+            chunks = [to_vectors(self.extractor(pixels.to(self.device, non_blocking=True)), None, None)
                       for pixels in self.held_out_images().split(self.image_batch_size)]
         vectors = torch.cat(chunks).clone()
         return list(vectors.split(self.batch_size))
 
 
 class VectorDataModule(ActivationDataModule):
-    """Precomputed (N, d) vectors from a file (`data=vectors data.path=FILE`)."""
+    """Precomputed (N, d) vectors: a file (`data=vectors data.path=FILE`) or an activation cache directory.
+
+    A file is loaded into memory and batches are drawn from a seeded permutation per epoch. A cache directory
+    (`python -m sae.cache ... out=DIR`) stays on disk, memory-mapped: its first rows (`val_fraction` of it, at
+    most `CACHE_VAL_MAX`) are the validation set, the rest streams in shuffled blocks (`ShardStream`).
+    """
+
+    CACHE_VAL_MAX = 65536  # validation vectors read into memory from a cache: plenty for the metrics
 
     def __init__(self, path: str, batch_size: int = 4096, val_fraction: float = 0.05, expected_width: int | None = None,
-                 check_width: bool = True, seed: int = 0):
+                 check_width: bool = True, seed: int = 0, shuffle_vectors: int = 262144):
         super().__init__(batch_size, seed)
-        self.path = path
-        self.vectors = check_vectors(load_vectors(path), path, expected_width if check_width else None)
-        self.train_rows, self.val_rows = split_holdout(len(self.vectors), val_fraction, self.seed)
+        self.path, self.shuffle_vectors = path, int(shuffle_vectors)
+        width = expected_width if check_width else None
+        if Path(path).expanduser().is_dir():
+            self.cache = ShardedVectors(path)
+            n_val = min(self.CACHE_VAL_MAX, max(1, round(len(self.cache) * val_fraction))) if val_fraction > 0 else 0
+            self.val_vectors = check_vectors(self.cache.rows(0, n_val), f"{path} (first {n_val} rows)", width) \
+                if n_val else torch.empty(0, self.cache.width)
+            if n_val == 0:
+                check_vectors(self.cache.rows(0, 2), path, width)
+            self.first_train_row = n_val
+            self.vectors = None
+        else:
+            self.cache = None
+            self.vectors = check_vectors(load_vectors(path), path, width)
+            self.train_rows, self.val_rows = split_holdout(len(self.vectors), val_fraction, self.seed)
 
     @property
     def d_in(self) -> int:
-        return int(self.vectors.shape[1])
+        return int(self.cache.width if self.cache is not None else self.vectors.shape[1])
 
     def train_dataloader(self) -> Iterable[Tensor]:
         rank, world = self.rank_and_world
-        self._train_stream = VectorStream(self.vectors, self.train_rows, self.device, self.batch_size, self.seed,
-                                          rank, world, self._start_batch)
+        if self.cache is not None:
+            self._train_stream = ShardStream(self.cache, self.first_train_row, self.device, self.batch_size, self.seed,
+                                             rank, world, self._start_batch, self.shuffle_vectors)
+        else:
+            self._train_stream = VectorStream(self.vectors, self.train_rows, self.device, self.batch_size, self.seed,
+                                              rank, world, self._start_batch)
         return self._train_stream
 
     def val_dataloader(self) -> Batches:
-        return Batches([b.to(self.device) for b in self.vectors[self.val_rows].split(self.batch_size)])
+        val = self.val_vectors if self.cache is not None else self.vectors[self.val_rows]
+        return Batches([b.to(self.device) for b in val.split(self.batch_size)])
 
     def sample_vectors(self, n: int) -> Tensor:
-        rows = self.train_rows[torch.from_numpy(np.random.default_rng(derive_seed(self.seed, 8)).permutation(
-            len(self.train_rows))[:n])]
+        rng = np.random.default_rng(derive_seed(self.seed, 8))
+        if self.cache is not None:
+            train = len(self.cache) - self.first_train_row
+            positions = self.first_train_row + rng.choice(train, size=min(n, train), replace=False)
+            return self.cache.gather(positions).to(self.device)
+        rows = self.train_rows[torch.from_numpy(rng.permutation(len(self.train_rows))[:n])]
         return self.vectors[rows].to(self.device)

@@ -197,7 +197,13 @@ class ActivationStream:
 
 
 def extractor_output_shape(extractor: nn.Module, image_size: int) -> tuple[int, int, int]:
-    """(C, H, W) of the extractor's output for square images of `image_size` (one dry run on one image)."""
+    """(C, H, W) of the extractor's output for square images of `image_size`.
+
+    Computed from the architecture when the extractor can (`output_shape`), so that a compiled extractor is
+    not compiled for a throwaway CPU call; otherwise one dry run on one image.
+    """
+    if callable(getattr(extractor, "output_shape", None)):
+        return tuple(extractor.output_shape(image_size))
     device = next(iter(extractor.parameters()), torch.empty(0)).device
     with torch.inference_mode():
         out = extractor(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device))

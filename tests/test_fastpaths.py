@@ -1,0 +1,128 @@
+"""Every fast path equals the plain one: compiled and channels_last extraction, sparse decode, the fused
+encoder bias; GPU-only paths (autocast, pinned copies) import everywhere and are skipped cleanly on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sae.data import ImageActivationDataModule, SampleImages
+from sae.model import InceptionExtractor, load_inceptionv1
+from sae.nn import build_sae
+from tests.conftest import REPO
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def net():
+    return load_inceptionv1(pretrained=False)
+
+
+def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_extractor__compiled_equals_eager(net):
+    images = pixels(2, 32)
+    eager = InceptionExtractor("conv2d0", net=net, compile=False)
+    compiled = InceptionExtractor("conv2d0", net=net, compile=True)
+    with torch.inference_mode():
+        expected, actual = eager(images), compiled(images)
+    assert compiled.compile_seconds is not None and compiled.compile_seconds > 0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_extractor__channels_last_equals_nchw_deep_in_the_net():
+    plain = InceptionExtractor("mixed3b", pretrained=False)
+    fast = InceptionExtractor("mixed3b", net=load_inceptionv1(pretrained=False), channels_last=True)
+    images = pixels(2, 64)
+    with torch.inference_mode():
+        expected, actual = plain(images), fast(images)
+    assert actual.is_contiguous() and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_extractor__compile_is_auto_on_cuda_only(net):
+    auto = InceptionExtractor("conv2d0", net=net)
+    assert auto.uses_compile(torch.device("cuda")) and not auto.uses_compile(torch.device("cpu"))
+    with torch.inference_mode():
+        auto(pixels(1, 32))
+    assert auto.compile_seconds is None, "no compile on CPU unless asked"
+
+
+def test_extractor__autocast_is_ignored_on_cpu_and_checked(net):
+    images = pixels(2, 32)
+    with torch.inference_mode():
+        expected = InceptionExtractor("conv2d0", net=net)(images)
+        actual = InceptionExtractor("conv2d0", net=net, autocast="bf16")(images)
+    assert actual.dtype == torch.float32 and torch.equal(actual, expected)
+    with pytest.raises(ValueError, match="bf16, fp16"):
+        InceptionExtractor("conv2d0", net=net, autocast="int8")
+    with pytest.raises(ValueError, match="true, false or null"):
+        InceptionExtractor("conv2d0", net=net, compile="yes")
+
+
+def test_datamodule__layer_shape_needs_no_forward(net):
+    """The layer's shape comes from the architecture: a compiled extractor is not compiled for a dry run."""
+    extractor = InceptionExtractor("mixed3a", net=net, compile=True)
+    data = ImageActivationDataModule(extractor, source=SampleImages(), image_size=224, holdout=False, val_images=2)
+    assert data.layer_shape == (256, 28, 28) and extractor.compile_seconds is None
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sparse_decode__equals_dense_values_and_gradients(architecture):
+    torch.manual_seed(0)
+    dense = build_sae(architecture, 24, d_sae=192, k=6, sparse_decode=False)
+    sparse = build_sae(architecture, 24, d_sae=192, k=6, sparse_decode=True)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(64, 24)
+    dead = torch.zeros(192, dtype=torch.bool)
+    dead[::3] = True
+    grads = []
+    for sae in (dense, sparse):
+        out = sae(x)
+        sae.loss(x, out, dead_mask=dead).loss.backward()
+        grads.append({name: p.grad for name, p in sae.named_parameters()})
+        grads[-1]["x_hat"] = out.x_hat.detach()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_encoder__fused_bias_equals_the_textbook_formula():
+    """pre_acts = x @ W_enc + (b_enc - b_dec @ W_enc) is (x - b_dec) @ W_enc + b_enc, gradients included."""
+    torch.manual_seed(0)
+    sae = build_sae("relu", 32, d_sae=96)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(50, 32)
+    sae.pre_acts(x).square().sum().backward()
+    fused = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    expected = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    expected.square().sum().backward()
+    torch.testing.assert_close(sae.pre_acts(x), expected, rtol=1e-5, atol=1e-5)
+    for name, p in sae.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@cuda
+def test_extractor__autocast_on_cuda_stays_close_to_float32(net):
+    images = pixels(4, 64).cuda()
+    gpu_net = load_inceptionv1(pretrained=False).cuda()
+    with torch.inference_mode():
+        reference = InceptionExtractor("mixed3b", net=gpu_net, compile=False)(images)
+        approx = InceptionExtractor("mixed3b", net=gpu_net, compile=False, autocast="bf16")(images)
+    assert approx.dtype == torch.float32
+    assert float((approx - reference).norm() / reference.norm()) < 0.05
+
+
+def test_bench__harness_imports_and_describes_itself():
+    result = subprocess.run([sys.executable, "bench/throughput.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--quick" in result.stdout

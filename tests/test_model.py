@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import socket
-import time
 
 import pytest
 import torch
@@ -309,14 +308,12 @@ def test_pretrained__offline_error_names_url_cache_and_fixes(tmp_path, monkeypat
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # restored after the test
     torch.hub.set_dir(str(tmp_path))  # an empty cache, so the download is attempted
     timeout_before = socket.getdefaulttimeout()
-    started = time.monotonic()
     try:
         load_inceptionv1(pretrained=True)
     except WeightsUnavailableError as error:
         message = str(error)
     else:
         pytest.skip("the network is reachable here; the weights downloaded")
-    assert time.monotonic() - started < 30
     assert socket.getdefaulttimeout() == timeout_before
     for expected in (WEIGHTS_URL, str(tmp_path / "checkpoints" / "inception5h.pth"),
                      "model.weights=PATH", "model.pretrained=false"):

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from sae.nn import build_sae, load_sae
@@ -120,7 +120,12 @@ def test_train_py__trains_logs_and_exports(tmp_path):
 
 
 def test_train_py__multirun_gives_each_job_its_own_directory(tmp_path):
-    result = run_train(["-m", "sae.l1_coefficient=1,3", *FAST], tmp_path)
+    # Vectors, not images: what is tested is Hydra's job layout, and each job then starts in seconds.
+    vectors = tmp_path / "acts.npy"
+    np.save(vectors, np.random.default_rng(0).normal(size=(2048, 32)).astype(np.float32))
+    data = ["data=vectors", f"data.path={vectors}", "data.check_width=false", "data.batch_size=256",
+            "sae.init_sample=512"]
+    result = run_train(["-m", "sae.l1_coefficient=1,3", *FAST, *data], tmp_path)
     assert_ok(result)
     exports = sorted((tmp_path / "multi").glob("*/sae.json"))
     assert len(exports) == 2
@@ -134,11 +139,10 @@ def test_train_py__unknown_layer_fails_with_the_valid_names(tmp_path):
 
 
 def test_train_py__without_weights_offline_stops_at_once_naming_the_fixes(tmp_path):
-    start = time.monotonic()
     result = run_train(["debug=fast", "logger=csv"], tmp_path, timeout=120, env={"TORCH_HOME": str(tmp_path / "hub")})
     if result.returncode == 0:
         pytest.skip("the network reached lucid's weights; this test is for machines without it")
     text = result.stdout + result.stderr
     assert "model.pretrained=false" in text and "model.weights=" in text and "https://" in text
     assert "Traceback" not in text
-    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "checkpoints").exists(), "it stops before any training"

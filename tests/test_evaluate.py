@@ -50,7 +50,9 @@ def images(tmp_path_factory) -> Path:
 def run_evaluate(args: list[str], cwd_tmp: Path, timeout: float = 240):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     dirs = [f"hydra.run.dir={cwd_tmp}/hydra", f"hydra.sweep.dir={cwd_tmp}/hydra-multi"]
-    return subprocess.run([sys.executable, "evaluate.py", *dirs, *args], cwd=REPO, capture_output=True, text=True,
+    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
+    args = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "evaluate.py", *flags, *dirs, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -92,6 +94,17 @@ def test_evaluate__several_runs_are_evaluated_and_compared(tmp_path: Path, image
     compare = tmp_path / "sweep" / "compare"
     assert len((compare / "compare.csv").read_text().splitlines()) == 3
     assert (compare / "compare.png").is_file() and "a/eval/index.html" in (compare / "compare.html").read_text()
+
+
+def test_evaluate_multirun__each_job_evaluates_a_run_then_they_are_compared(tmp_path: Path, images: Path):
+    runs = [make_run(tmp_path / "sweep" / name, images, seed=i) for i, name in enumerate(("a", "b"))]
+    sweep_dir = tmp_path / "hydra-multi"  # run_evaluate's hydra.sweep.dir
+    result = run_evaluate(["-m", f"run={runs[0]},{runs[1]}", *FAST,
+                           "eval.sections=[reconstruction]"], tmp_path)
+    assert_ok(result)
+    assert all((run / "eval" / "metrics.json").is_file() for run in runs)
+    rows = (sweep_dir / "compare" / "compare.csv").read_text().splitlines()
+    assert len(rows) == 3 and (sweep_dir / "compare" / "compare.png").is_file()
 
 
 def test_evaluate__a_missing_run_is_one_clear_error(tmp_path: Path):

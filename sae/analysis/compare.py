@@ -11,11 +11,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
 
 from sae.analysis.report import Column, relative, render_page, write_page
 from sae.nn.io import atomic_write_bytes
@@ -131,3 +135,37 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     write_page(out / "compare.html", render_page(f"Comparison of {len(rows)} runs", columns, page_rows,
                                                  figures=["compare.png"], sort="l0:asc"))
     return rows
+
+
+class CompareSweep(HydraCallback):
+    """`python evaluate.py -m run=A,B,...`: after the multirun, compare the runs its jobs evaluated.
+
+    Each finished job appends its run directory to `<sweep dir>/evaluated_runs.txt` (a file, not memory, so
+    that it also works when a launcher runs the jobs in other processes or on other machines); at the end of
+    the multirun the comparison goes to `compare_out` or `<sweep dir>/compare`.
+    """
+
+    LIST = "evaluated_runs.txt"
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        hydra_cfg = getattr(job_return, "hydra_cfg", None)
+        if job_return.status != JobStatus.COMPLETED or hydra_cfg is None or not config.get("run"):
+            return
+        if "MULTIRUN" not in str(hydra_cfg.hydra.get("mode")):
+            return
+        sweep_dir = Path(hydra_cfg.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with open(sweep_dir / self.LIST, "a") as f:  # one short line per job: appends do not interleave
+            f.write(f"{Path(str(config.run)).resolve()}\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        listed = sweep_dir / self.LIST
+        runs = list(dict.fromkeys(listed.read_text().split())) if listed.is_file() else []
+        if len(runs) < 2:
+            return
+        out = Path(config.get("compare_out") or sweep_dir / "compare")
+        write_comparison(runs, out)
+        logging.getLogger("sae").info("compared %d runs: %s", len(runs), out / "compare.html")

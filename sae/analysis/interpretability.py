@@ -21,7 +21,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import socket
 import warnings
 from urllib.parse import urlparse
 
@@ -30,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.model import WeightsUnavailableError
+from sae.model.weights import hub_state_dict
 
 log = logging.getLogger("sae.analysis")
 
-DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; keeps an offline attempt from hanging
 # The ImageNet backbones lpips builds through torchvision, by lpips's net name.
 BACKBONE_URLS = {
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
@@ -103,10 +102,8 @@ def backbone_cache_path(net: str) -> str:
 def _backbone_state_dict(net: str) -> dict[str, Tensor]:
     url, cache = BACKBONE_URLS[net], backbone_cache_path(net)
     was_cached = os.path.isfile(cache)
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        return hub_state_dict(url)
     except (OSError, http.client.HTTPException) as err:
         if was_cached:
             raise LPIPSWeightsUnavailableError(f"Cannot read the cached LPIPS weights {cache} ({err}); delete it and retry.") from err
@@ -116,8 +113,6 @@ def _backbone_state_dict(net: str) -> dict[str, Tensor]:
             f"directory holding hub/checkpoints/{os.path.basename(cache)}), or use the distance 'pixel' or "
             f"'mean_colour' instead of 'lpips'."
         ) from err
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
 
 def _load_backbone_(backbone: nn.Module, state: dict[str, Tensor], net: str) -> None:

@@ -100,13 +100,23 @@ def load_inceptionv1(pretrained: bool = True, weights: str | os.PathLike | None 
     return net
 
 
-def _lucid_state_dict() -> dict[str, Tensor]:
-    cache = hub_cache_path()
-    was_cached = cache.is_file()
+def hub_state_dict(url: str) -> dict[str, Tensor]:
+    """The state dict at `url` through torch.hub's cache, downloading it once with a short socket timeout (an
+    offline attempt fails in seconds instead of hanging). Download errors (OSError, HTTPException) propagate
+    for the caller to explain."""
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=False, weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _lucid_state_dict() -> dict[str, Tensor]:
+    cache = hub_cache_path()
+    was_cached = cache.is_file()
+    try:
+        return hub_state_dict(WEIGHTS_URL)
     except (OSError, http.client.HTTPException) as err:
         if was_cached:
             raise WeightsError(f"Cannot read the cached weights {cache} ({err}); delete the file and retry.") from err
@@ -117,8 +127,6 @@ def _lucid_state_dict() -> dict[str, Tensor]:
         ) from err
     except Exception as err:  # a cached or just-downloaded file that torch.load rejects
         raise WeightsError(f"Cannot read the weights at {cache} ({err}); delete the file and retry.") from err
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -41,8 +41,13 @@ def save_png(image, path: Path) -> Path:
 
 
 def _kind(logger) -> str:
-    name = type(logger).__name__
-    return {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard"}.get(name, "other")
+    """wandb, tensorboard or other. By type, so that subclasses (the project's FallbackWandbLogger) count; a
+    W&B logger that has failed and fallen back to CSV counts as other (its pictures go to files)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        return "other" if getattr(logger, "failure", None) is not None else "wandb"
+    return "tensorboard" if isinstance(logger, TensorBoardLogger) else "other"
 
 
 def has_wandb(trainer: L.Trainer) -> bool:

@@ -142,9 +142,10 @@ def visual_callbacks() -> list:
 
 def test_wandb_offline_run__holds_the_image_grids_and_histograms(extractor, image_folder, tmp_path):
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
-    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+    from sae.launch import FallbackWandbLogger  # what logger=wandb builds
+
+    logger = FallbackWandbLogger(project="test", save_dir=str(tmp_path), offline=True)
     try:
         fit(image_data(extractor, image_folder), tmp_path, visual_callbacks(), logger)
     finally:

@@ -92,6 +92,9 @@ def train(cfg: DictConfig) -> float | None:
             log.warning("stopped by SIGTERM at step %d; continue with ckpt_path=last hydra.run.dir=%s",
                         trainer.global_step, out_dir)
             raise Preempted()
+        # The final state, whatever the checkpoint interval: continue it later with a larger trainer.max_steps.
+        if not trainer.fast_dev_run:
+            trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")  # every rank calls it; rank zero writes
         if trainer.is_global_zero:
             module.export(out_dir)
             log.info("exported %s", out_dir / "sae.safetensors")

@@ -2,13 +2,13 @@
 `ckpt_path=auto` in the same run directory, must end complete, with no corrupt checkpoint and the same dictionary
 as an uninterrupted run.
 
-    python bench/soak.py --minutes 30             # the issue's soak: about half the time per run
+    python bench/soak.py --minutes 30 --kill-after 45 90   # the issue's soak: 30 minutes of kills and resumes
     python bench/soak.py --minutes 10 --images    # image data (data=sample, conv2d1, 32 px crops)
     python bench/soak.py --minutes 2              # a smoke run
 
-Steps: calibrate the step rate; train the reference run (max_steps chosen to take ~40% of the budget); train
-the same run again, killing the process after a random 10-40 s each time and restarting it, until it
-finishes; then read every checkpoint back (whole and finite), compare the final W_dec with the reference
+Steps: calibrate the step rate (or take --steps) so that the interrupted run lasts about --minutes; train the
+reference run beside it (one thread each); train the same run again, killing the process after a random
+--kill-after delay each time and restarting it, until it finishes; then read every checkpoint back (whole and finite), compare the final W_dec with the reference
 (torch.equal: one CPU thread, deterministic ops) and print a JSON summary (also written to OUT/soak.json).
 """
 
@@ -97,12 +97,25 @@ def check_checkpoints(run_dir: Path) -> dict:
     return {"checkpoints": len(ckpts), "corrupt": corrupt, "leftover_temp_files": temps}
 
 
+def calibrate_steps(out: Path, data: Path | None, a: argparse.Namespace) -> int:
+    """Steps for which the interrupted run takes about `--minutes`: the step rate comes from two short runs
+    (their difference cancels the start-up time), and a killed run loses its start-up and the steps since its
+    last checkpoint each time."""
+    seconds = {n: train_once(out / f"calibrate{n}", run_args(data, n, n)) for n in (50, 250)}
+    rate = 200 / max(1.0, seconds[250] - seconds[50])
+    startup = max(0.0, seconds[50] - 50 / rate)
+    mean_life = sum(a.kill_after) / 2
+    useful = max(0.2, (mean_life - startup - a.ckpt_every / rate / 2) / mean_life)
+    return max(4 * a.ckpt_every, int(rate * a.minutes * 60 * useful))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--images", action="store_true", help="data=sample images instead of vectors")
     parser.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
     parser.add_argument("--kill-after", type=float, nargs=2, default=(10.0, 40.0), help="seconds, uniform")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: calibrated to --minutes)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
@@ -115,17 +128,16 @@ def main() -> None:
         data = out / "vectors.npy"
         np.save(data, (codes @ rng.normal(size=(512, 64))).astype(np.float32))
 
-    calibration = 100
-    seconds = train_once(out / "calibrate", run_args(data, calibration, calibration))
-    # A run costs start-up plus steps; the budget holds the reference run and the (longer) interrupted one.
-    startup = 15.0
-    rate = calibration / max(1.0, seconds - startup)
-    steps = max(4 * a.ckpt_every, int(rate * max(30.0, a.minutes * 60 * 0.4 - startup)))
+    steps = a.steps or calibrate_steps(out, data, a)
     args = run_args(data, steps, a.ckpt_every)
-    t_ref = train_once(out / "reference", args)
+    # The reference runs beside the soak (one thread each, deterministic): the budget is the soak's.
     t0 = time.monotonic()
+    reference = start(out / "reference", args)
     counts = soak(out / "soaked", args, tuple(a.kill_after), random.Random(a.seed))
     t_soak = time.monotonic() - t0
+    if reference.wait() != 0:
+        raise SystemExit(f"the reference run failed; see {out / 'reference.log'}")
+    t_ref = time.monotonic() - t0
 
     W_ref = load_file(out / "reference" / "sae.safetensors")["W_dec"]
     W_soak = load_file(out / "soaked" / "sae.safetensors")["W_dec"]

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -132,12 +133,15 @@ def main() -> None:
     args = run_args(data, steps, a.ckpt_every)
     # The reference runs beside the soak (one thread each, deterministic): the budget is the soak's.
     t0 = time.monotonic()
-    reference = start(out / "reference", args)
+    reference, finished = start(out / "reference", args), []
+    waiter = threading.Thread(target=lambda: finished.append((reference.wait(), time.monotonic() - t0)))
+    waiter.start()
     counts = soak(out / "soaked", args, tuple(a.kill_after), random.Random(a.seed))
     t_soak = time.monotonic() - t0
-    if reference.wait() != 0:
+    waiter.join()
+    status, t_ref = finished[0]
+    if status != 0:
         raise SystemExit(f"the reference run failed; see {out / 'reference.log'}")
-    t_ref = time.monotonic() - t0
 
     W_ref = load_file(out / "reference" / "sae.safetensors")["W_dec"]
     W_soak = load_file(out / "soaked" / "sae.safetensors")["W_dec"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -114,6 +113,21 @@ def test_jumprelu__threshold_gets_gradient_through_the_ste():
     assert pre_acts.grad is None or (pre_acts.grad == 0).all()
 
 
+def test_jumprelu__pre_acts_grad_lets_the_ste_reach_the_encoder():
+    x = torch.randn(256, 8) * 3
+    grads = {}
+    for flag in (False, True):
+        sae = make("jumprelu", bandwidth=0.5, threshold_init=1.0, pre_acts_grad=flag)
+        pre_acts = sae.pre_acts(x).detach().requires_grad_()
+        sae.l0(pre_acts).mean().backward()
+        grads[flag] = pre_acts.grad
+    assert grads[False] is None or (grads[False] == 0).all()
+    # Mirror image of theta's gradient: raising a pre-activation near theta raises L0.
+    assert (grads[True] >= 0).all() and (grads[True] > 0).any()
+    sae = make("jumprelu", threshold_init=1.0, aux_k_coefficient=0.0)
+    assert sae.aux_loss(x, sae(x), torch.ones(32, dtype=torch.bool)) == 0  # AuxK off by default in the class
+
+
 def test_jumprelu__forward_is_exactly_sparse():
     sae = make("jumprelu", threshold_init=0.5)
     out = sae(torch.randn(32, 8))
@@ -137,9 +151,10 @@ def test_sparse_decode__matches_dense_values_and_gradients(architecture):
         torch.testing.assert_close(dense_grads[name], sparse_grads[name], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-def test_aux_loss__trains_only_dead_latents_and_vanishes_without_them(architecture):
-    sae = make(architecture)
+@pytest.mark.parametrize(("architecture", "hparams"),
+                         [("topk", {}), ("batchtopk", {}), ("jumprelu", {"aux_k_coefficient": 0.5})])
+def test_aux_loss__trains_only_dead_latents_and_vanishes_without_them(architecture, hparams):
+    sae = make(architecture, **hparams)
     x = torch.randn(32, 8)
     out = sae(x)
     assert sae.aux_loss(x, out, None) == 0
@@ -393,11 +408,7 @@ def test_planted_dictionary_is_recovered(architecture):
     torch.manual_seed(0)
     directions, sample = planted_sampler(seed=0)
     sae = build_sae(architecture, 16, d_sae=128, **PLANTED_HPARAMS[architecture])
-    start = time.perf_counter()
     train_planted(sae, sample)
-    elapsed = time.perf_counter() - start
     cosine = directions @ F.normalize(sae.W_dec.detach(), dim=1).T  # (n, d_sae)
     recovered = (cosine.max(dim=1).values > 0.9).float().mean().item()
-    print(f"{architecture}: recovered {recovered:.0%} of 64 directions in {elapsed:.1f}s")
-    assert recovered >= 0.9
-    assert elapsed < 30
+    assert recovered >= 0.9, f"{architecture} recovered {recovered:.0%} of the 64 planted directions"

@@ -48,7 +48,8 @@ class ReLUSAE(SparseAutoencoder):
 
     def sparsity_loss(self, out: SAEOutput) -> Tensor:
         decoder_norms = self.W_dec.norm(dim=1)  # (d_sae,)
-        weighted_l1 = (out.f * decoder_norms).sum(dim=-1).mean()
+        # mean_b sum_i f_bi ||W_dec_i||, summed over the batch first: no (B, d_sae) product forward or backward.
+        weighted_l1 = out.f.sum(dim=0) @ decoder_norms / out.f.shape[0]
         return self.l1_coefficient * weighted_l1 / math.sqrt(self.d_in)
 
     def extra_hparams(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .auxk import auxk_loss, resolve_k_aux
 from .base import (
     SAEConfigError,
     SAEOutput,
@@ -61,13 +62,7 @@ class TopKSAE(SparseAutoencoder):
             raise SAEConfigError(
                 f"k={k} exceeds d_sae={d_sae}: at most d_sae latents can be active; choose k <= {d_sae}"
             )
-        if k_aux is None:
-            k_aux = min(max(d_in // 2, 1), d_sae)
-        self.k_aux = check_positive_int("k_aux", k_aux)
-        if k_aux > d_sae:
-            raise SAEConfigError(
-                f"k_aux={k_aux} exceeds d_sae={d_sae}; choose k_aux <= {d_sae} (or None for d_in // 2)"
-            )
+        self.k_aux = resolve_k_aux(k_aux, d_in, d_sae)
         self.aux_k_coefficient = check_nonnegative_float("aux_k_coefficient", aux_k_coefficient)
         if sparse_decode not in (None, True, False):
             raise SAEConfigError(f"sparse_decode={sparse_decode!r} must be True, False or None (auto)")
@@ -109,29 +104,8 @@ class TopKSAE(SparseAutoencoder):
 
     # ----------------------------------------------------------------------------- AuxK
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:
-        """AuxK (Gao et al. 2024, section A.2): aux_k_coefficient * ||e - e_hat||^2 / ||e - mean(e)||^2.
-
-        e = x - x_hat (detached) is what the live latents missed; e_hat = f_aux @ W_dec (no bias)
-        from the top-k_aux pre-activations of the dead latents. Normalising by the residual's own
-        variance keeps the signal alive as the residual shrinks. Zero without dead latents.
-        """
-        if dead_mask is None or self.aux_k_coefficient == 0:
-            return out.f.new_zeros(())
-        if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
-            # A trainer bug, not a user's configuration: a plain ValueError.
-            raise ValueError(f"dead_mask must be a bool tensor of shape ({self.d_sae},), got "
-                             f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
-        residual = (x - out.x_hat).detach()
-        # Live latents get -inf, which relu maps to a zero weight with zero gradient; this avoids a
-        # host sync to count the dead latents (when fewer than k_aux are dead the rest are zeros).
-        dead_pre_acts = out.pre_acts.masked_fill(~dead_mask, float("-inf"))
-        values, indices = dead_pre_acts.topk(self.k_aux, dim=-1, sorted=False)
-        weights = values.relu().to(self.W_dec.dtype)
-        residual_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=weights, mode="sum")
-        error = (residual - residual_hat).pow(2).sum()
-        variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(torch.finfo(error.dtype).tiny)
-        any_dead = dead_mask.any().to(error.dtype)
-        return self.aux_k_coefficient * any_dead * error / variance
+        """AuxK (Gao et al. 2024, section A.2), see ``auxk.auxk_loss``. dead_mask: (d_sae,) bool."""
+        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient)
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:

@@ -403,8 +403,18 @@ def train_planted(sae, sample, steps=2000, batch=512, lr=6e-3, dead_after=50, wa
 PLANTED_HPARAMS = {"relu": {}, "topk": {"k": 4}, "batchtopk": {"k": 4}, "jumprelu": {"l0_coefficient": 0.05}}
 
 
+@pytest.fixture
+def one_thread():
+    """Tensors of 16 x 128 gain nothing from threads, and on a busy machine threads waiting for each other
+    make such a loop many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("architecture", ALL)
-def test_planted_dictionary_is_recovered(architecture):
+def test_planted_dictionary_is_recovered(architecture, one_thread):
     torch.manual_seed(0)
     directions, sample = planted_sampler(seed=0)
     sae = build_sae(architecture, 16, d_sae=128, **PLANTED_HPARAMS[architecture])

@@ -133,8 +133,11 @@ class SparsityMonitor(L.Callback):
         self.val = SparsityMetrics(sae.d_sae, DEAD_WINDOW, sae.d_in, self.dense_threshold).to(pl_module.device)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, dict) and "f" in outputs:  # SAEModule returns what it encoded
+            self.val.update(outputs["x"], outputs["x_hat"], outputs["f"])
+            return
         x = batch.float() * getattr(pl_module, "input_scale", 1.0)
-        out = pl_module.sae(x)  # the module's validation_step returns nothing, so encode again (no grad here)
+        out = pl_module.sae(x)  # a module whose validation_step returns nothing (sae=multi): encode here
         self.val.update(x, out.x_hat, out.f)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -209,12 +209,14 @@ class SAEModule(L.LightningModule):
             self.device
         )
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """Returns x, x_hat, f (as training_step does) so that callbacks need not encode the batch again."""
         x = batch.float() * self.input_scale
         out = self.sae(x)
         losses = self.sae.loss(x, out)
         self.log("val/loss", losses.loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         self._val["metrics"].update(x, out.x_hat, out.f)
+        return {"x": x, "x_hat": out.x_hat, "f": out.f}
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._val.pop("metrics")
@@ -230,9 +232,7 @@ class SAEModule(L.LightningModule):
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_resumable(checkpoint)
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        restore_checkpoint(self, checkpoint)
 
     def check_resumable(self, checkpoint: dict[str, Any], name: str = "the checkpoint") -> None:
         """Raise ResumeMismatchError if `checkpoint` holds a different SAE (layer, widths, architecture)."""
@@ -257,6 +257,13 @@ class SAEModule(L.LightningModule):
         """Write sae.safetensors + sae.json in the layer's units (atomic)."""
         meta = {**self.metadata, **metadata, "input_scale": float(self.input_scale), "global_step": self.global_step}
         save_sae(self.sae, directory, scale=float(self.input_scale) or 1.0, metadata=meta)
+
+
+def restore_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """What a module does on loading: refuse a checkpoint of another SAE, then restore the global RNG states."""
+    module.check_resumable(checkpoint)
+    if "rng_states" in checkpoint:
+        set_rng_states(checkpoint["rng_states"])
 
 
 def rng_states() -> dict[str, Any]:

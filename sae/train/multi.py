@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from sae.nn import ARCHITECTURES, SAEConfigError
 from sae.nn.io import atomic_write_bytes
 from sae.train.guards import ResumeMismatchError
-from sae.train.module import SAEModule, set_rng_states
+from sae.train.module import SAEModule, restore_checkpoint
 from sae.train.schedules import lr_factor
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,7 @@ class MultiSAEModule(L.LightningModule):
         self.members[0].on_save_checkpoint(checkpoint)  # the global RNG states, as a single run saves them
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_resumable(checkpoint)
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        restore_checkpoint(self, checkpoint)
 
     def check_resumable(self, checkpoint: dict[str, Any], name: str = "the checkpoint") -> None:
         """Raise ResumeMismatchError unless `checkpoint` holds these members, each with the same SAE."""

@@ -227,8 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--lr", type=float, default=2e-2,
                    help="sae.lr for every SAE (default 2e-2; the configs' 3e-3 suits long runs on mixed3b, not 500 steps)")
-    p.add_argument("--l0-coefficient", type=float, default=0.1,
-                   help="JumpReLU's sparsity knob (default 0.1 for ~5 directions per input; the config's 0.01 suits mixed3b)")
+    p.add_argument("--l0-coefficient", type=float, default=0.03,
+                   help="JumpReLU's sparsity knob (default 0.03 for ~5 directions per input; the config's 0.01 suits mixed3b)")
     p.add_argument("--override", action="append", default=[], help="extra train.py override, e.g. sae.lr=3e-3")
     args = p.parse_args(argv)
     if args.large:

@@ -100,12 +100,12 @@ def test_batchtopk__threshold_learned_in_training_is_used_in_eval():
 
 
 def test_jumprelu__threshold_gets_gradient_through_the_ste():
-    sae = make("jumprelu", bandwidth=0.5)
+    sae = make("jumprelu", bandwidth=0.5, pre_acts_grad=False)
     x = torch.randn(256, 8) * 3
     out = sae(x)
     sae.loss(x, out).loss.backward()
     assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
-    # The L0 term alone always asks for higher thresholds, and (as in the paper) leaves pre_acts alone.
+    # The L0 term alone always asks for higher thresholds, and with the paper's estimator leaves pre_acts alone.
     sae.zero_grad()
     pre_acts = sae.pre_acts(x).detach().requires_grad_()
     sae.l0(pre_acts).mean().backward()
@@ -125,7 +125,8 @@ def test_jumprelu__pre_acts_grad_lets_the_ste_reach_the_encoder():
     # Mirror image of theta's gradient: raising a pre-activation near theta raises L0.
     assert (grads[True] >= 0).all() and (grads[True] > 0).any()
     sae = make("jumprelu", threshold_init=1.0, aux_k_coefficient=0.0)
-    assert sae.aux_loss(x, sae(x), torch.ones(32, dtype=torch.bool)) == 0  # AuxK off by default in the class
+    assert sae.aux_loss(x, sae(x), torch.ones(32, dtype=torch.bool)) == 0  # AuxK off at coefficient 0
+    assert make("jumprelu").pre_acts_grad  # the default (conf/sae/jumprelu.yaml says why)
 
 
 def test_jumprelu__forward_is_exactly_sparse():

@@ -38,7 +38,7 @@ class BatchTopKSAE(TopKSAE):
         d_sae: int,
         k: int = 32,
         k_aux: int | None = None,
-        aux_k_coefficient: float = 1 / 32,
+        aux_k_coefficient: float = 0.5,
         sparse_decode: bool | None = None,
         threshold_momentum: float = 0.99,
     ) -> None:

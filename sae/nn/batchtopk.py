@@ -41,9 +41,10 @@ class BatchTopKSAE(TopKSAE):
         aux_k_coefficient: float = 0.5,
         sparse_decode: bool | None = None,
         threshold_momentum: float = 0.99,
+        sparse_encoder_grad: bool | None = None,
     ) -> None:
         super().__init__(d_in, d_sae, k=k, k_aux=k_aux, aux_k_coefficient=aux_k_coefficient,
-                         sparse_decode=sparse_decode)
+                         sparse_decode=sparse_decode, sparse_encoder_grad=sparse_encoder_grad)
         if check_nonnegative_float("threshold_momentum", threshold_momentum) >= 1:
             raise SAEConfigError(
                 f"threshold_momentum={threshold_momentum!r} must be in [0, 1) (0.99 averages ~100 batches)"
@@ -57,7 +58,7 @@ class BatchTopKSAE(TopKSAE):
         acts = pre_acts.relu().flatten()
         values, indices = acts.topk(self.k * pre_acts.shape[0], sorted=False)
         self._update_threshold_(values)
-        return torch.zeros_like(acts).scatter(0, indices, values).view_as(pre_acts)
+        return torch.zeros_like(acts).scatter_(0, indices, values).view_as(pre_acts)
 
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """Rows carry different numbers of active latents; pad every row to the widest one with zeros."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .auxk import auxk_loss, resolve_k_aux
+from .sparse_grad import sparse_grad_addmm
 from .base import (
     SAEConfigError,
     SAEOutput,
@@ -42,6 +43,8 @@ class TopKSAE(SparseAutoencoder):
             coefficient matters less than its size suggests.
         sparse_decode: gather the k active decoder rows (True), dense matmul (False), or
             None = auto: sparse when k / d_sae <= SPARSE_DECODE_MAX_DENSITY.
+        sparse_encoder_grad: form W_enc's gradient from the non-zero pre-activation gradients only
+            (``sparse_grad.py``; True), densely (False), or None = auto: on CPU.
     """
 
     architecture: ClassVar[str] = "topk"
@@ -55,6 +58,7 @@ class TopKSAE(SparseAutoencoder):
         k_aux: int | None = None,
         aux_k_coefficient: float = 1 / 32,
         sparse_decode: bool | None = None,
+        sparse_encoder_grad: bool | None = None,
     ) -> None:
         super().__init__(d_in, d_sae)
         self.k = check_positive_int("k", k)
@@ -67,6 +71,18 @@ class TopKSAE(SparseAutoencoder):
         if sparse_decode not in (None, True, False):
             raise SAEConfigError(f"sparse_decode={sparse_decode!r} must be True, False or None (auto)")
         self.sparse_decode = sparse_decode
+        if sparse_encoder_grad not in (None, True, False):
+            raise SAEConfigError(f"sparse_encoder_grad={sparse_encoder_grad!r} must be True, False or None (auto)")
+        self.sparse_encoder_grad = sparse_encoder_grad
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, d_sae), as in the base class; while training, the W_enc gradient is sparse."""
+        use_sparse = self.sparse_encoder_grad
+        if use_sparse is None:
+            use_sparse = x.device.type == "cpu"
+        if not (use_sparse and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad):
+            return super().pre_acts(x)
+        return sparse_grad_addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
 
     # ----------------------------------------------------------------------------- selection
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,7 +92,8 @@ class TopKSAE(SparseAutoencoder):
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         values, indices = self.active_latents(pre_acts)
-        return torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        # In place: the out-of-place scatter would copy the whole (B, d_sae) zeros first.
+        return torch.zeros_like(pre_acts).scatter_(-1, indices, values)
 
     @property
     def uses_sparse_decode(self) -> bool:
@@ -99,7 +116,7 @@ class TopKSAE(SparseAutoencoder):
             f = self.activation(pre_acts)
             return SAEOutput(self.decode(f), f, pre_acts)
         values, indices = self.active_latents(pre_acts)
-        f = torch.zeros_like(pre_acts).scatter(-1, indices, values.to(pre_acts.dtype))
+        f = torch.zeros_like(pre_acts).scatter_(-1, indices, values.to(pre_acts.dtype))
         return SAEOutput(self.decode_sparse(values, indices), f, pre_acts)
 
     # ----------------------------------------------------------------------------- AuxK
@@ -114,6 +131,7 @@ class TopKSAE(SparseAutoencoder):
             "k_aux": self.k_aux,
             "aux_k_coefficient": self.aux_k_coefficient,
             "sparse_decode": self.sparse_decode,
+            "sparse_encoder_grad": self.sparse_encoder_grad,
         }
 
     def activation_formula(self) -> str:

@@ -115,8 +115,10 @@ class SAEModule(L.LightningModule):
         dead = self.vectors_since_fired >= self.dead_window
         losses = self.sae.loss(x, out, sparsity_scale=sparsity_factor(self.global_step, self.sparsity_warmup_steps),
                                dead_mask=dead if self._any_dead(dead) else None)
-        fired = out.f > 0
-        if self._update_firing(fired, nonfinite=~torch.isfinite(losses.loss.detach())):
+        # f >= 0 for every architecture, so a latent fired in this batch iff its largest activation is > 0:
+        # one reduction instead of a (B, d_sae) bool mask and a second pass over it.
+        fired = out.f.detach().amax(dim=0) > 0
+        if self._update_firing(fired, x.shape[0], nonfinite=~torch.isfinite(losses.loss.detach())):
             # Before backward on CPU (checked every step there); on an accelerator within HOST_CHECK_EVERY steps.
             # Either way no checkpoint is written with non-finite weights (SafeCheckpointIO refuses them).
             raise NonFiniteLossError(
@@ -125,7 +127,7 @@ class SAEModule(L.LightningModule):
                 "lower sae.lr (or a longer sae.lr_warmup_steps), or check the inputs."
             )
         if self._logs_this_step():
-            self._log_step(x, out, losses, fired, dead)
+            self._log_step(x, out, losses, dead)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
         return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
 
@@ -136,7 +138,7 @@ class SAEModule(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     @torch.no_grad()
-    def _log_step(self, x: Tensor, out, losses, fired: Tensor, dead: Tensor) -> None:
+    def _log_step(self, x: Tensor, out, losses, dead: Tensor) -> None:
         residual = (x - out.x_hat).pow(2).sum()
         total = (x - x.mean(dim=0)).pow(2).sum()
         self.log_dict({
@@ -145,7 +147,7 @@ class SAEModule(L.LightningModule):
             "train/sparsity_loss": losses.sparsity,
             "train/aux_loss": losses.aux,
             "train/l1": out.f.abs().sum(dim=1).mean(),
-            "train/l0": fired.sum(dim=1, dtype=torch.int32).float().mean(),
+            "train/l0": (out.f > 0).sum(dim=1, dtype=torch.int32).float().mean(),
             "train/explained_variance": 1 - residual / total,
             "train/dead_fraction": dead.float().mean(),
         }, on_step=True, prog_bar=False)
@@ -163,14 +165,13 @@ class SAEModule(L.LightningModule):
             self._any_dead_cached = bool(self.any_dead)
         return self._any_dead_cached
 
-    def _update_firing(self, fired: Tensor, nonfinite: Tensor) -> bool:
+    def _update_firing(self, fired: Tensor, n: int, nonfinite: Tensor) -> bool:
         """Count vectors since each feature last fired, over all ranks (so dead masks agree everywhere).
 
-        `fired` (B, d_sae) bool. Returns whether the loss has been non-finite on any rank: one collective
-        carries both, so every rank stops at the same step. The flag is read from the device every step on
+        `fired` (d_sae,) bool: the latents active on some of this batch's n inputs. Returns whether the loss
+        has been non-finite on any rank: one collective carries both, so every rank stops at the same step. The flag is read from the device every step on
         CPU (free there) and every HOST_CHECK_EVERY steps elsewhere (a read is a host sync)."""
-        flags = torch.cat([fired.any(dim=0), nonfinite.reshape(1)]).to(torch.int32)
-        n = fired.shape[0]
+        flags = torch.cat([fired, nonfinite.reshape(1)]).to(torch.int32)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             n = torch.tensor(n, device=flags.device)

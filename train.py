@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.preemption import PreemptionCheckpoint
+from sae.hostmem import reuse_freed_host_memory
 from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
 from sae.nn.io import atomic_write_bytes
 from sae.train.guards import CheckpointError, ResumeMismatchError, SafeCheckpointIO, load_checkpoint_file
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> float | None:
     out_dir = check_writable(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("reuse_host_memory", True):
+        reuse_freed_host_memory()  # before the data module: its worker processes inherit the setting
     if random_weights(cfg):
         log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
     datamodule = hydra.utils.instantiate(cfg.data)

@@ -414,7 +414,12 @@ def run(args) -> dict:
 
     warnings.filterwarnings("ignore")
     quick = args.quick
+    from sae.hostmem import reuse_freed_host_memory
+
+    # As train.py does (reuse_host_memory: true). Process-wide, so the naive baselines get it too.
+    reuse_host_memory = reuse_freed_host_memory()
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+              "reuse_host_memory": reuse_host_memory,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(), "quick": quick, "batch": BATCH, "d_in": D_IN, "expansion": EXPANSION}
     with tempfile.TemporaryDirectory() as tmp:
@@ -422,7 +427,8 @@ def run(args) -> dict:
         result["images"] = described
         result["sgemm_gflops"] = sgemm_peak(device, 2048, 3 if quick else 6) / 1e9
         print(f"torch {torch.__version__}, {result['threads']} threads, {device} ({result['device_name']}); "
-              f"images: {described}; sgemm peak {result['sgemm_gflops']:.1f} GFLOP/s", flush=True)
+              f"images: {described}; sgemm peak {result['sgemm_gflops']:.1f} GFLOP/s; "
+              f"freed host memory kept for reuse: {reuse_host_memory}", flush=True)
         batch = torch.stack([decode_crop(f) for f in files[: 8 if quick else 32]])
         result["extraction"] = bench_extraction(batch, device, 2 if quick else 5, () if quick else ("mixed3b",))
         save(result)

@@ -201,6 +201,11 @@ class SparseAutoencoder(nn.Module):
         center = geometric_median(sample) if method == "geometric_median" else sample.mean(dim=0)
         self.b_dec.copy_(center)
 
+    @torch.no_grad()
+    def init_from_sample_(self, sample: Tensor) -> None:
+        """Data-dependent initialisation after ``init_b_dec_``, from a sample (N, d_in) in training units.
+        Nothing by default; JumpReLU sets its thresholds here."""
+
     # ----------------------------------------------------------------------------- description & export
     def extra_hparams(self) -> dict[str, Any]:
         """The architecture's own hyperparameters, as ``__init__`` keyword arguments."""

@@ -96,6 +96,7 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"cannot normalize inputs: the sample's mean norm gives scale {scale}. Are all vectors zero?")
         self.input_scale.fill_(scale)
         self.sae.init_b_dec_(sample * scale, method=self.b_dec_init)
+        self.sae.init_from_sample_(sample * scale)
         log.info("input scale %.4g (mean norm → sqrt(d_in)); b_dec initialized by %s", scale, self.b_dec_init)
 
     def configure_optimizers(self):

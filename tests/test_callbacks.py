@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import lightning as L
@@ -140,6 +141,15 @@ def visual_callbacks() -> list:
     ]
 
 
+def _flushed_history(path, last_key: bytes, timeout: float = 60.0) -> bytes:
+    """The run's history file once W&B's writer process has flushed it: ``wandb.finish()`` can return while the
+    service still holds the records (seen as a file with only its header), so wait for the last key logged."""
+    deadline = time.monotonic() + timeout
+    while last_key not in (history := path.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return history
+
+
 def test_wandb_offline_run__holds_the_image_grids_and_histograms(extractor, image_folder, tmp_path):
     import wandb
 
@@ -155,7 +165,7 @@ def test_wandb_offline_run__holds_the_image_grids_and_histograms(extractor, imag
              for p in (run / "files" / "media" / "images").rglob("*.png")]
     for key in ("features/visualizations", "features/dataset_examples"):
         assert sum(m.startswith(key) for m in media) >= 2, media  # the SAE grid and the neuron grid
-    history = next(run.glob("run-*.wandb")).read_bytes()
+    history = _flushed_history(next(run.glob("run-*.wandb")), b"sparsity/val_density")
     for key in (b"sparsity/density", b"sparsity/val_density"):
         assert re.search(re.escape(key) + rb'.{0,8}_type.{0,8}"histogram"', history, re.DOTALL), key
     for key in (b"sparsity/l0", b"sparsity/fvu", b"sparsity/dead_fraction", b"sparsity/val_dense_fraction"):

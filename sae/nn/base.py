@@ -120,7 +120,11 @@ class SparseAutoencoder(nn.Module):
         step, a fifth of a dense step's FLOPs) only to sum it over the batch for b_dec; here b_dec's gradient
         is one (d_in, d_sae) x (d_sae,) product, and the bias add is fused into the matmul (addmm).
         """
-        return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+        return torch.addmm(self.encoder_bias(), x, self.W_enc)
+
+    def encoder_bias(self) -> Tensor:
+        """(d_sae,) ``b_enc - b_dec @ W_enc``: the bias of the pre-activations as a function of x alone."""
+        return self.b_enc - self.b_dec @ self.W_enc
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         """(B, d_sae) -> (B, d_sae) feature activations. The hook every architecture overrides."""

@@ -167,9 +167,10 @@ class JumpReLUSAE(SparseAutoencoder):
             return
         sample = sample.to(device=self.W_enc.device, dtype=self.W_enc.dtype)
         k = min(sample.shape[0], max(1, math.ceil((1 - self.init_firing_rate) * sample.shape[0])))
+        bias = self.encoder_bias()
         for start in range(0, self.d_sae, 1024):  # in column blocks: N x 1024 pre-activations at a time
             cols = slice(start, start + 1024)
-            pre = torch.addmm(self.b_enc[cols] - self.b_dec @ self.W_enc[:, cols], sample, self.W_enc[:, cols])
+            pre = torch.addmm(bias[cols], sample, self.W_enc[:, cols])
             quantile = pre.kthvalue(k, dim=0).values
             # Log-space thresholds must stay positive; a latent whose quantile is <= 0 starts just above 0.
             self.log_threshold[cols] = quantile.clamp_min(1e-3).log()

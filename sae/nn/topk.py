@@ -82,7 +82,7 @@ class TopKSAE(SparseAutoencoder):
             use_sparse = x.device.type == "cpu"
         if not (use_sparse and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad):
             return super().pre_acts(x)
-        return sparse_grad_addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
+        return sparse_grad_addmm(self.encoder_bias(), x, self.W_enc)
 
     # ----------------------------------------------------------------------------- selection
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:

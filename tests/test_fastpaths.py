@@ -8,9 +8,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sae.data import ImageActivationDataModule, SampleImages
 from sae.model import InceptionExtractor, load_inceptionv1
+from sae.model.extractor import run_steps
+from sae.model.ops import apply_step, local_response_norm
+from sae.model.layers import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, STEPS, ancestors
 from sae.nn import build_sae
 from tests.conftest import REPO
 
@@ -44,6 +48,47 @@ def test_extractor__channels_last_equals_nchw_deep_in_the_net():
         expected, actual = plain(images), fast(images)
     assert actual.is_contiguous() and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels", [5, 64, 192])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_local_response_norm__equals_torchs_in_either_memory_format(channels, channels_last):
+    x = 40 * torch.randn(2, channels, 6, 7, generator=torch.Generator().manual_seed(channels))
+    expected = F.local_response_norm(x, size=LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    actual = local_response_norm(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+def test_extractor__fused_padding_equals_explicit_padding_with_gradients(net):
+    """The hook-free path (padding inside conv / max-pool) and lucent's modules on padded copies agree."""
+    x = torch.randn(2, 480, 9, 9, requires_grad=True)
+    steps = ancestors("mixed4a")[-14:]  # mixed4a's block: 3x3 / 5x5 convs and the stride-1 max-pool, all padded
+    assert {s.op for s in steps if any(s.pad)} == {"conv", "maxpool"}
+    fast = run_steps(net, steps, {"maxpool4": x})
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
+    handles = [getattr(net, s.name).register_forward_pre_hook(lambda module, inputs: None) for s in steps]
+    try:
+        plain = run_steps(net, steps, {"maxpool4": x})
+        (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    torch.testing.assert_close(fast_grad, plain_grad, rtol=1e-4, atol=1e-4 * plain_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("side", [5, 6, 7, 8, 56, 57])
+def test_maxpool__ceil_mode_equals_lucents_right_bottom_padding(side, net):
+    """The stride-2 max-pools: ceil_mode in place of a -inf row and column on the right and bottom."""
+    step = next(s for s in STEPS if s.name == "maxpool4")
+    x = torch.randn(2, 480, side, side)
+    fast = apply_step(net, step, [x])
+    plain = net.maxpool4(F.pad(x, step.pad, value=float("-inf")), kernel_size=(3, 3), stride=(2, 2), padding=0,
+                         ceil_mode=False)
+    assert torch.equal(fast, plain)
 
 
 def test_extractor__compile_is_auto_on_cuda_only(net):

@@ -138,7 +138,9 @@ def test_extractor__equals_forward_hook_on_full_network(layer, net, small_images
     with torch.inference_mode():
         activations = extractor(small_images)
     assert activations.dtype == torch.float32
-    assert torch.equal(activations, small_reference[layer])
+    reference = small_reference[layer]
+    # LRN as a band matmul and padding inside the convolutions sum in another order: float32 rounding only.
+    torch.testing.assert_close(activations, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
 def _fired_modules(net, extractor, images) -> list[str]:
@@ -216,14 +218,19 @@ def test_channels_last__matches_nchw(layer, net, small_images, small_reference):
 def test_run_from__splices_back_to_logits(layer, net, full_reference):
     logits = run_from(net, layer, full_reference[layer])
     assert logits.shape == (1, 1008)
-    assert torch.equal(logits, full_reference["softmax2_pre_activation_matmul"])
+    _assert_same_logits(logits, full_reference["softmax2_pre_activation_matmul"])
 
 
 def test_run_from__extractor_then_forward_from_equals_full_forward(net, full_images, full_reference):
     extractor = InceptionExtractor("mixed4b", net=net)
     with torch.inference_mode():
         logits = extractor.forward_from(extractor(full_images))
-    assert torch.equal(logits, full_reference["softmax2_pre_activation_matmul"])
+    _assert_same_logits(logits, full_reference["softmax2_pre_activation_matmul"])
+
+
+def _assert_same_logits(logits, reference):
+    # Equal up to float32 rounding: the extractor pads inside its convolutions and sums LRN windows by matmul.
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
 def test_run_from__refuses_inner_layers_and_small_images(net, small_reference):

@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (
-    BLOCK_LAYERS, INPUT, LOGITS, LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, STEP_INDEX, STEPS,
-    Step, ancestors, check_layer, layer_channels, layer_shape,
-)
+from .layers import BLOCK_LAYERS, INPUT, LOGITS, STEP_INDEX, STEPS, Step, ancestors, check_layer, layer_channels, layer_shape
+from .ops import apply_step
 from .preprocess import preprocess
 from .weights import RANDOM, load_inceptionv1, weights_source
 
@@ -28,41 +26,6 @@ log = logging.getLogger("sae.model")
 UNKNOWN = "unknown"
 # model.autocast: the reduced precision the convolutions may run in on CUDA (activations stay float32).
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def apply_step(net: nn.Module, step: Step, inputs: list[Tensor]) -> Tensor:
-    """Evaluate one step on its input tensors exactly as lucent's forward does."""
-    x = inputs[0]
-    if step.op == "conv":
-        # Lucent pads explicitly (asymmetrically for conv2d0) and convolves without implicit padding.
-        padded = F.pad(x, step.pad) if any(step.pad) else x
-        return getattr(net, step.name)(padded)
-    if step.op == "relu":
-        return getattr(net, step.name)(x)
-    if step.op == "maxpool":
-        # -inf padding: padded cells never win the max, unlike zeros after a pre-ReLU layer.
-        padded = F.pad(x, step.pad, value=float("-inf"))
-        size, stride = (step.kernel, step.kernel), (step.stride, step.stride)
-        return getattr(net, step.name)(padded, kernel_size=size, stride=stride, padding=0, ceil_mode=False)
-    if step.op == "lrn":
-        return F.local_response_norm(x, size=LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
-    if step.op == "concat":
-        return getattr(net, step.name)(tuple(inputs), 1)
-    if step.op == "avgpool":
-        return _global_average(x)
-    if step.op == "linear":
-        return getattr(net, step.name)(x)
-    raise AssertionError(f"unhandled op {step.op!r}")
-
-
-def _global_average(mixed5b: Tensor) -> Tensor:
-    """(B, 1024, 7, 7) -> (B, 1024): lucent's 7x7 average pool followed by a reshape to (-1, 1024)."""
-    if mixed5b.shape[-2:] != (7, 7):
-        # Smaller maps cannot be pooled; larger ones lucent would reshape from (B, 1024, h, w) to
-        # (B*h*w, 1024), interleaving channels and positions: meaningless logits.
-        raise ValueError(f"The classifier needs mixed5b at 7x7 (224-px images); got {tuple(mixed5b.shape[-2:])}.")
-    pooled = F.avg_pool2d(mixed5b, kernel_size=(7, 7), stride=(1, 1), padding=(0,), ceil_mode=False, count_include_pad=False)
-    return pooled.reshape(-1, 1024)
 
 
 def _release_schedule(steps: tuple[Step, ...]) -> tuple[tuple[str, ...], ...]:
@@ -78,10 +41,17 @@ def _release_schedule(steps: tuple[Step, ...]) -> tuple[tuple[str, ...], ...]:
 
 
 def run_steps(net: nn.Module, steps: tuple[Step, ...], known: dict[str, Tensor]) -> Tensor:
-    """Evaluate ``steps`` in order from the tensors in ``known``; return the last step's output."""
+    """Evaluate ``steps`` in order from the tensors in ``known``; return the last step's output.
+
+    A step may overwrite its input when no later step reads it and this function made it (never a tensor
+    of ``known``, which belongs to the caller).
+    """
     env = dict(known)
+    made: set[str] = set()
     for step, releases in zip(steps, _release_schedule(steps)):
-        env[step.name] = apply_step(net, step, [env[name] for name in step.inputs])
+        owned = step.inputs[0] in made and step.inputs[0] in releases
+        env[step.name] = apply_step(net, step, [env[name] for name in step.inputs], owned=owned)
+        made.add(step.name)
         for name in releases:
             del env[name]
     return env[steps[-1].name]

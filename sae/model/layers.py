@@ -10,8 +10,9 @@ same list drives three things without duplicating the architecture:
 
 A step's ``name`` is lucent's name for the tensor it produces. Where lucent
 holds a module of that name (convolutions, ReLUs, max-pools, concatenations,
-the final linear layer), the extractor calls that very module so forward hooks
-registered on ``net.<name>`` (lucent's objectives, tests) still fire.
+the final linear layer), the extractor calls that very module whenever forward hooks
+are registered on it (lucent's objectives, tests), so they still fire; without hooks it
+may run the same math faster (see ``ops.py``).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _maxpool(pool: nn.Module, step: Step, x: Tensor) -> Tensor:
     size, stride = (step.kernel, step.kernel), (step.stride, step.stride)
     left, right, top, bottom = step.pad
     if not _has_hooks(pool):
-        if left == right and top == bottom:
+        if left == right and top == bottom and max(top, left) <= step.kernel // 2:
             return F.max_pool2d(x, size, stride, (top, left))  # max_pool2d pads with -inf itself
         if (left, top) == (0, 0) and _ceil_mode_matches(x.shape[-2:], step):
             return F.max_pool2d(x, size, stride, 0, ceil_mode=True)

@@ -85,6 +85,26 @@ def test_batchtopk__keeps_k_times_batch_active_in_train_mode():
     assert (f > 0).sum(dim=1).float().std() > 0  # the budget is shared, not per input
 
 
+@pytest.mark.parametrize("uneven", [False, True])
+def test_batchtopk__two_stage_selection_equals_the_batch_wide_topk(uneven):
+    """CPU selects per-row candidates first; with rows of very different scales some row needs more than its
+    candidates, and that batch falls back to the one-stage top-k (and later batches take more candidates)."""
+    sae = build_sae("batchtopk", 8, d_sae=256, k=4).train()
+    generator = torch.Generator().manual_seed(int(uneven))
+    pre = torch.randn(64, 256, generator=generator)
+    if uneven:
+        pre = pre * torch.linspace(0.1, 10, 64)[:, None]
+    pre.requires_grad_(True)
+    values, indices = sae.batch_top(pre)
+    assert sae._candidates == (32 if uneven else 16)
+    expected_values, expected_indices = pre.relu().flatten().topk(4 * 64, sorted=False)
+    assert torch.equal(indices.sort().values, expected_indices.sort().values)
+    weights = torch.randn(64 * 256, generator=generator)
+    (grad,) = torch.autograd.grad((values * weights[indices]).sum(), pre)
+    (expected_grad,) = torch.autograd.grad((expected_values * weights[expected_indices]).sum(), pre)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_batchtopk__threshold_learned_in_training_is_used_in_eval():
     sae = make("batchtopk", k=4).train()
     out = sae(torch.randn(64, 8))

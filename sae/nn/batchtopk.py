@@ -51,14 +51,36 @@ class BatchTopKSAE(TopKSAE):
             )
         self.threshold_momentum = float(threshold_momentum)
         self.register_buffer("threshold", torch.zeros(()))
+        # Per-row candidates of the two-stage selection (``batch_top``); grows when a batch needs more.
+        self._candidates = min(4 * self.k, d_sae)
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         if not self.training:
             return pre_acts * (pre_acts > self.threshold)
-        acts = pre_acts.relu().flatten()
-        values, indices = acts.topk(self.k * pre_acts.shape[0], sorted=False)
+        values, indices = self.batch_top(pre_acts)
         self._update_threshold_(values)
-        return torch.zeros_like(acts).scatter_(0, indices, values).view_as(pre_acts)
+        return torch.zeros_like(pre_acts).flatten().scatter_(0, indices, values).view_as(pre_acts)
+
+    def batch_top(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, d_sae) -> values (k * B,), flat indices (k * B,): the k * B largest ReLU'd pre-activations.
+
+        On CPU a top-k over all B * d_sae entries dominated the step (0.41 s of ~0.57 s at B 4096, d_sae 3840,
+        k 32), so there it runs in two stages: each row's ``candidates`` largest, then the batch's top k * B
+        of those (0.09 s). That is exact unless some row had all its candidates above the cut (it may hold
+        more); then this batch takes the one-stage path and later batches take twice as many candidates.
+        The check reads one flag from the device, which costs nothing on CPU; CUDA keeps the one-stage path.
+        """
+        batch, d_sae = pre_acts.shape
+        budget = self.k * batch
+        if pre_acts.device.type == "cpu" and self._candidates < d_sae:
+            row_values, row_indices = pre_acts.topk(self._candidates, dim=-1, sorted=False)  # (B, c)
+            row_values = row_values.relu()
+            values, picked = row_values.flatten().topk(budget, sorted=False)
+            if not bool((row_values.amin(dim=-1) > values.min()).any()):
+                rows = torch.div(picked, self._candidates, rounding_mode="floor")
+                return values, rows * d_sae + row_indices.flatten()[picked]
+            self._candidates = min(2 * self._candidates, d_sae)
+        return pre_acts.relu().flatten().topk(budget, sorted=False)
 
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """Rows carry different numbers of active latents; pad every row to the widest one with zeros."""

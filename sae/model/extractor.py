@@ -47,11 +47,9 @@ def run_steps(net: nn.Module, steps: tuple[Step, ...], known: dict[str, Tensor])
     of ``known``, which belongs to the caller).
     """
     env = dict(known)
-    made: set[str] = set()
     for step, releases in zip(steps, _release_schedule(steps)):
-        owned = step.inputs[0] in made and step.inputs[0] in releases
+        owned = step.inputs[0] in releases and step.inputs[0] not in known
         env[step.name] = apply_step(net, step, [env[name] for name in step.inputs], owned=owned)
-        made.add(step.name)
         for name in releases:
             del env[name]
     return env[steps[-1].name]

@@ -24,6 +24,8 @@ from torch.nn.modules import module as module_globals
 
 from .layers import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, Step
 
+assert LRN_BETA == 0.5, "local_response_norm computes the power -beta as an rsqrt"
+
 
 def apply_step(net: nn.Module, step: Step, inputs: list[Tensor], owned: bool = False) -> Tensor:
     """Evaluate one step on its input tensors as lucent's forward does (values, and gradients where recorded).
@@ -96,7 +98,8 @@ def local_response_norm(x: Tensor) -> Tensor:
     """Lucent's ``F.local_response_norm(x, 9, alpha, 0.5, 1)``: x / (k + alpha * mean of x^2 over 9 channels)^beta.
 
     x (B, C, H, W), NCHW or channels_last; the result has x's memory format. torch squares, pads and
-    average-pools a 5-D view; here the window sum is one (C, C) band matmul over the channel axis.
+    average-pools a 5-D view; here the window sum is one (C, C) band matmul over the channel axis, and the
+    power -beta is an rsqrt (lucid's beta is 0.5).
     """
     channels = x.shape[1]
     # torch pads size // 2 channels before and (size - 1) // 2 after: output c sums inputs c - 4 .. c + 4.
@@ -106,8 +109,7 @@ def local_response_norm(x: Tensor) -> Tensor:
         scaled = (x.permute(0, 2, 3, 1).square() @ band).permute(0, 3, 1, 2)  # NHWC rows @ band
     else:
         scaled = (band.T @ x.square().flatten(2)).view_as(x)  # (C_out, C_in) @ (B, C_in, HW)
-    scaled = scaled.add_(LRN_K)
-    return x * (scaled.rsqrt_() if LRN_BETA == 0.5 else scaled.pow_(-LRN_BETA))
+    return x * scaled.add_(LRN_K).rsqrt_()
 
 
 def _global_average(mixed5b: Tensor) -> Tensor:

@@ -95,8 +95,9 @@ class SAEModule(L.LightningModule):
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"cannot normalize inputs: the sample's mean norm gives scale {scale}. Are all vectors zero?")
         self.input_scale.fill_(scale)
-        self.sae.init_b_dec_(sample * scale, method=self.b_dec_init)
-        self.sae.init_from_sample_(sample * scale)
+        scaled = sample * scale
+        self.sae.init_b_dec_(scaled, method=self.b_dec_init)
+        self.sae.init_from_sample_(scaled)
         log.info("input scale %.4g (mean norm → sqrt(d_in)); b_dec initialized by %s", scale, self.b_dec_init)
 
     def configure_optimizers(self):

@@ -83,10 +83,28 @@ class BatchTopKSAE(TopKSAE):
         return pre_acts.relu().flatten().topk(budget, sorted=False)
 
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows carry different numbers of active latents; pad every row to the widest one with zeros."""
-        f = self.activation(pre_acts)
-        width = max(int((f != 0).sum(dim=-1).max()), 1)  # one host sync per batch
-        return f.topk(width, dim=-1, sorted=False)
+        """Rows carry different numbers of active latents; pad every row to the widest one with zeros
+        (in training the padding's index is 0, which may repeat an active latent: consumers add, see forward).
+
+        In training the rows are laid out straight from ``batch_top``'s picks (scattering them into a
+        (B, d_sae) f and taking each row's top-width again cost as much as the selection itself on CPU).
+        """
+        if not self.training:
+            f = self.activation(pre_acts)
+            width = max(int((f != 0).sum(dim=-1).max()), 1)  # one host sync per batch
+            return f.topk(width, dim=-1, sorted=False)
+        values, flat = self.batch_top(pre_acts)
+        self._update_threshold_(values)
+        batch, d_sae = pre_acts.shape
+        rows = torch.div(flat, d_sae, rounding_mode="floor")
+        counts = torch.bincount(rows, minlength=batch)
+        width = max(int(counts.max()), 1)  # one host sync per batch
+        order = torch.argsort(rows, stable=True)
+        rows = rows[order]
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        padded_values = values.new_zeros(batch, width).index_put((rows, slot), values[order])
+        padded_indices = flat.new_zeros(batch, width).index_put_((rows, slot), flat[order] - rows * d_sae)
+        return padded_values, padded_indices
 
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:

@@ -116,7 +116,8 @@ class TopKSAE(SparseAutoencoder):
             f = self.activation(pre_acts)
             return SAEOutput(self.decode(f), f, pre_acts)
         values, indices = self.active_latents(pre_acts)
-        f = torch.zeros_like(pre_acts).scatter_(-1, indices, values.to(pre_acts.dtype))
+        # Adding, not writing: padding entries (value 0) may repeat an active latent's index (BatchTopK).
+        f = torch.zeros_like(pre_acts).scatter_add_(-1, indices, values.to(pre_acts.dtype))
         return SAEOutput(self.decode_sparse(values, indices), f, pre_acts)
 
     # ----------------------------------------------------------------------------- AuxK

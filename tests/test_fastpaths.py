@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from sae.data import ImageActivationDataModule, SampleImages
 from sae.model import InceptionExtractor, load_inceptionv1
@@ -62,16 +63,33 @@ def test_local_response_norm__equals_torchs_in_either_memory_format(channels, ch
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
+class _TorchCalls(TorchFunctionMode):
+    """Records the names of the torch functions called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_extractor__fused_padding_equals_explicit_padding_with_gradients(net):
-    """The hook-free path (padding inside conv / max-pool) and lucent's modules on padded copies agree."""
+    """The hook-free path (padding inside conv / max-pool, no padded copy) and lucent's modules on padded
+    copies (taken when a module has a hook) agree."""
     x = torch.randn(2, 480, 9, 9, requires_grad=True)
     steps = ancestors("mixed4a")[-14:]  # mixed4a's block: 3x3 / 5x5 convs and the stride-1 max-pool, all padded
     assert {s.op for s in steps if any(s.pad)} == {"conv", "maxpool"}
-    fast = run_steps(net, steps, {"maxpool4": x})
+    with _TorchCalls() as calls:
+        fast = run_steps(net, steps, {"maxpool4": x})
+    assert "pad" not in calls.names
     (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
     handles = [getattr(net, s.name).register_forward_pre_hook(lambda module, inputs: None) for s in steps]
     try:
-        plain = run_steps(net, steps, {"maxpool4": x})
+        with _TorchCalls() as calls:
+            plain = run_steps(net, steps, {"maxpool4": x})
+        assert calls.names.count("pad") == 3
         (plain_grad,) = torch.autograd.grad(plain.square().sum(), x)
     finally:
         for handle in handles:
@@ -85,7 +103,9 @@ def test_maxpool__ceil_mode_equals_lucents_right_bottom_padding(side, net):
     """The stride-2 max-pools: ceil_mode in place of a -inf row and column on the right and bottom."""
     step = next(s for s in STEPS if s.name == "maxpool4")
     x = torch.randn(2, 480, side, side)
-    fast = apply_step(net, step, [x])
+    with _TorchCalls() as calls:
+        fast = apply_step(net, step, [x])
+    assert "pad" not in calls.names
     plain = net.maxpool4(F.pad(x, step.pad, value=float("-inf")), kernel_size=(3, 3), stride=(2, 2), padding=0,
                          ceil_mode=False)
     assert torch.equal(fast, plain)
@@ -132,6 +152,7 @@ def test_sparse_decode__equals_dense_values_and_gradients(architecture):
         out = sae(x)
         sae.loss(x, out, dead_mask=dead).loss.backward()
         grads.append({name: p.grad for name, p in sae.named_parameters()})
+        grads[-1].update(sae.named_buffers())  # BatchTopK's threshold, learned from the kept activations
         grads[-1]["x_hat"] = out.x_hat.detach()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

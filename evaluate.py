@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
 from sae.launch import check_writable, wandb_has_credentials
+from sae.run.configs import register_configs
 
 log = logging.getLogger("sae")
 WANDB_PROJECT = "inception-sae"
@@ -134,6 +135,9 @@ def main_body(cfg: DictConfig) -> float | None:
     write_comparison(compared, check_writable(out))
     log.info("compared %d runs: %s", len(compared), out / "compare.html")
     return None
+
+
+register_configs()  # the generated groups (layer=...) before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

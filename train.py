@@ -26,6 +26,7 @@ from sae.hostmem import reuse_freed_host_memory
 from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
 from sae.nn.io import atomic_write_bytes
 from sae.train.guards import CheckpointError, ResumeMismatchError, SafeCheckpointIO, load_checkpoint_file
+from sae.run.configs import register_configs
 
 log = logging.getLogger("sae")
 
@@ -109,6 +110,9 @@ def train(cfg: DictConfig) -> float | None:
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving last.ckpt (no export: the SAE is not finished)."""
+
+
+register_configs()  # the generated groups (layer=...) before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

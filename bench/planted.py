@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -106,39 +105,6 @@ def evaluate_sae(sae, directions: Tensor, held_out: Tensor, batch: int = 8192) -
 
 
 # ----------------------------------------------------------------------------------------- training
-def sae_defaults(architecture: str) -> dict[str, Any]:
-    """The hyperparameters of conf/sae/<architecture>.yaml, as SAEModule keyword arguments."""
-    from omegaconf import OmegaConf
-
-    path = REPO / "conf" / "sae" / f"{architecture}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; architectures with a config: {sorted(ARCHS)}")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    config.pop("_target_", None)
-    return config
-
-
-def train_in_process(vectors_path: str | Path, architecture: str, d_sae: int, steps: int, batch_size: int,
-                     seed: int = 0, **overrides: Any):
-    """Train one SAE on a vectors file with the SAEModule, VectorDataModule and a Lightning Trainer, in this
-    process (what train.py data=vectors does, minus Hydra, loggers and checkpoints). Returns the SAEModule."""
-    import lightning as L
-
-    from sae.data import VectorDataModule
-    from sae.train import SAEModule
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    datamodule = VectorDataModule(str(vectors_path), batch_size=batch_size, val_fraction=0.01, check_width=False,
-                                  seed=seed)
-    hparams = {**sae_defaults(architecture), "expansion": None, "d_sae": d_sae, **overrides}
-    module = SAEModule(d_in=datamodule.d_in, **hparams)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=datamodule)
-    return module
-
-
 def exported(module, directory: str | Path):
     """The SAE as a user gets it: export, then load_sae (raw units, eval mode)."""
     from sae.nn import load_sae

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from sae.run.configs import register_configs
+
+    register_configs()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

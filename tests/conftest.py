@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sae.run.configs import register_configs
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
+register_configs()  # the generated config groups (layer=...), for the tests that compose configs in-process
+
 SHARED_IMAGES = REPO.parent / "shared" / "data" / "imagenet-sample-1k"
 
 

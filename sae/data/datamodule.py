@@ -102,10 +102,6 @@ class ActivationDataModule(L.LightningDataModule):
     def vectors_per_image(self) -> int | None:
         return None
 
-    @property
-    def stream_stats(self):
-        return getattr(self._train_stream, "stats", None)
-
 
 class ImageActivationDataModule(ActivationDataModule):
     """Activations of `extractor` (InceptionV1 truncated at the layer) on a stream of image crops."""

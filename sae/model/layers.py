@@ -50,10 +50,6 @@ class Step:
     pad: Pad = NO_PAD
     channels: int = 0  # output channels for convs; derived for every other op
 
-    @property
-    def has_module(self) -> bool:
-        return self.op not in ("lrn", "avgpool")
-
 
 # Output channels of each inception block's branches, as in lucid's graph:
 # (1x1, 3x3 bottleneck, 3x3, 5x5 bottleneck, 5x5, pool reduce).

@@ -40,7 +40,7 @@ class SAEModule(L.LightningModule):
         architecture: str = "relu",
         expansion: float | None = 8,
         d_sae: int | None = None,
-        lr: float = 4e-4,
+        lr: float = 3e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         lr_warmup_steps: int = 100,
         lr_decay_fraction: float = 0.2,

@@ -174,9 +174,9 @@ def test_interpretability_section__identical_top_images_score_highest(tmp_path: 
     acts[:5, 0] = torch.arange(5, 0, -1).float().view(5, 1, 1)
     acts[5:, 1] = torch.arange(5, 0, -1).float().view(5, 1, 1)  # unit 1's top five: unrelated noise
     held = HeldOut(images, acts, "mixed3b")
-    cfg = OmegaConf.create({"distances": ["pixel", "mean_colour"], "inputs": "images", "k": 5, "crop_size": 16,
-                            "kmeans_k": 2, "kmeans_iters": 3, "kmeans_sample": None, "random_k": 2, "device": None,
-                            "seed": 0})
+    cfg = OmegaConf.create({"distances": ["pixel", "mean_colour"], "position": "max", "inputs": "images", "k": 5,
+                            "crop_size": 16, "families": ["kmeans", "random"], "fit_fraction": 0, "fit_sample": None,
+                            "kmeans_k": 2, "kmeans_iters": 3, "random_k": 2, "device": None, "seed": 0})
     section = interpretability_section(held, {"features": scan(held), "neurons": scan(held)}, tmp_path, cfg)
     for name in ("pixel", "mean_colour"):
         ii = section.units["neurons"][f"ii_{name}"]

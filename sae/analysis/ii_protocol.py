@@ -16,6 +16,7 @@ random directions' median is flagged (``above_random: false``).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,11 @@ def fit_families(x: Tensor, names: list[str], cfg: Any, sample: int | None = Non
     for name in names:
         k = int(counts.get(name, cfg.get("components")) or d)
         iters = int(cfg.get("kmeans_iters", 50) if name == "kmeans" else cfg.get("iters", 200))
+        began = time.perf_counter()
         families[name] = fit_family(name, x, k, seed=seed, iters=iters, kmeans_init=str(cfg.get("kmeans_init", "identity")))
-        families[name].info["fit_rows"] = int(x.shape[0])
+        families[name].info.update(fit_rows=int(x.shape[0]), fit_seconds=round(time.perf_counter() - began, 2))
+        log.info("fitted %d %s directions on %d vectors in %.1f s", families[name].vectors.shape[0], name, x.shape[0],
+                 families[name].info["fit_seconds"])
     return families
 
 

@@ -74,7 +74,9 @@ def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, i
     curves = metrics["curves"]
     assert curves["n_units"] == {"neurons": CHANNELS, "features": 2 * CHANNELS}
     assert 0 < curves["gap_neurons_and_features_deg"] <= curves["gap_neurons_deg"] <= 360
-    assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "random"}
+    assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "pca", "random"}
+    ii = json.loads((out / "interpretability.json").read_text())
+    assert ii["position"] == "centre" and ii["fit_images"] == ii["scored_images"] == 2 and not ii["in_sample"]
     for name in ("density.png", "curves_orientations.png", "curves.csv", "interpretability.json",
                  "interpretability.png", "index.html", "neurons.html"):
         assert (out / name).is_file(), name

@@ -117,6 +117,10 @@ def interpretability_section(held: HeldOut, scans: dict[str, examples.Activation
     fit, score = ii_protocol.split_fit_score(held.images.shape[0], float(cfg.get("fit_fraction", 0.5)), int(cfg.seed))
     families = ii_protocol.fit_families(to_rows(held.acts[fit]), list(cfg.get("families", ["kmeans", "random"])), cfg,
                                         sample=cfg.get("fit_sample"))
+    if len(score) < int(cfg.k):
+        raise ValueError(f"eval.interpretability scores {len(score)} images (the held-out images not in the fitting "
+                         f"split, fit_fraction={cfg.get('fit_fraction', 0.5)}), fewer than k={cfg.k}: evaluate on more "
+                         "images (data.val_images, eval.max_images) or lower eval.interpretability.k.")
     scored = HeldOut(held.images[score], held.acts[score], held.layer)
     if position == "centre":
         if sae is None:
@@ -126,7 +130,7 @@ def interpretability_section(held: HeldOut, scans: dict[str, examples.Activation
         values, unavailable = _max_ii(scored, {kind: _rows(s, score) for kind, s in scans.items()}, families, cfg)
     protocol = {"position": position, "inputs": inputs, "k": int(cfg.k), "fit_fraction": float(cfg.get("fit_fraction", 0.5)),
                 "fit_images": int(len(fit)), "scored_images": int(len(score)),
-                "in_sample": bool(len(fit) == len(score)), "families": {n: f.info for n, f in families.items()}}
+                "in_sample": bool(float(cfg.get("fit_fraction", 0.5)) <= 0), "families": {n: f.info for n, f in families.items()}}
     section = Section({name: ii_protocol.summary(per_kind) for name, per_kind in values.items()})
     section.metrics.update({name: {"available": False, "reason": reason} for name, reason in unavailable.items()})
     section.metrics.update(position=position, inputs=inputs, k=int(cfg.k), scored_images=int(len(score)))
@@ -144,14 +148,15 @@ def _centre_ii(scored: HeldOut, sae: SparseAutoencoder, families: dict, cfg: Any
     from sae.model import crop_box
 
     h, w = scored.grid
-    x = scored.acts[:, :, h // 2, w // 2]  # (N, C)
+    i, j = (h - 1) // 2, (w - 1) // 2  # on an even grid, the position whose field is centred nearest the image centre
+    x = scored.acts[:, :, i, j]  # (N, C)
     device = sae.W_dec.device
     with torch.inference_mode():
         features = torch.cat([sae.encode(c.to(device)).float().cpu() for c in x.split(ROWS)])
     acts = {"features": features, "neurons": x, **{name: f.encode(x) for name, f in families.items()}}
     images = scored.images
     if str(cfg.inputs) == "crops":
-        top, left, bottom, right = crop_box(scored.layer, h // 2, w // 2, tuple(images.shape[-2:]))
+        top, left, bottom, right = crop_box(scored.layer, i, j, tuple(images.shape[-2:]))
         images = images[:, :, top:bottom, left:right]
     return ii_protocol.score_families(acts, {"features", "neurons"}, images, cfg)
 

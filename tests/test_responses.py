@@ -97,3 +97,14 @@ def test_train_then_evaluate__scores_units_families_and_features_on_held_out_sti
     for page in ("index.html", "neurons.html", "kmeans.html", "nmf.html"):
         assert (run / "eval" / page).is_file()
     assert any((run / "eval" / "neurons").glob("n*_top.png"))
+
+
+def test_simulate_responses__the_command_writes_a_recording_train_py_accepts(tmp_path: Path):
+    from sae.data.simulate_responses import main
+
+    main([str(tmp_path / "rec"), "--stimuli", "40", "--clusters", "4", "--units", "6", "--size", "8"])
+    responses = load_responses(tmp_path / "rec" / "responses.npy")
+    assert responses.shape == (40, 6) and (responses >= 0).all()
+    assert np.load(tmp_path / "rec" / "truth.npy").shape == (4, 6)
+    module = ResponseDataModule(str(tmp_path / "rec" / "responses.npy"), str(tmp_path / "rec" / "stimuli"))
+    assert module.d_in == 6

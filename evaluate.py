@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
+from sae.analysis.responses_eval import evaluate_responses, is_responses_run
 from sae.launch import check_writable, wandb_has_credentials
 from sae.run.configs import register_configs
 
@@ -108,6 +109,10 @@ def evaluate_one(cfg: DictConfig, run_dir: Path | None = None, ckpt: str | None 
     run = load_run(run_dir, ckpt)
     out = check_writable(cfg.eval.out or (run.directory or Path(str(ckpt)).parent) / "eval")
     torch.manual_seed(int(cfg.seed))
+    if is_responses_run(run.train_config, cfg.get("data")):  # recorded responses: no InceptionV1
+        metrics = evaluate_responses(run, out, cfg.eval, cfg.get("data"))
+        log.info("wrote %s; open %s", out / "metrics.json", out / "index.html")
+        return metrics
     extractor, images = build_extractor_and_images(cfg, run)
     log.info("evaluating %s (%s, %d held-out images) into %s", run.source, run.layer, images.shape[0], out)
     result = evaluate_run(run, extractor, images, out, cfg.eval)

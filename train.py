@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> float | None:
         log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
     datamodule = hydra.utils.instantiate(cfg.data)
     config = run_config(cfg)
-    metadata = {"layer": cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
+    metadata = {"layer": getattr(datamodule, "layer", None) or cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
     if ckpt_path is not None:
         check_resume(ckpt_path, module, datamodule)

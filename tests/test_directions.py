@@ -63,3 +63,36 @@ def test_direction_activations__projects_onto_each_direction():
     assert torch.equal(direction_activations(x, directions), x)
     with pytest.raises(ValueError, match="d=2.*d=3"):
         direction_activations(x, torch.ones(1, 3))
+
+
+def test_cosine_kmeans__identity_init_starts_from_the_neuron_axes():
+    x = torch.eye(4).repeat(50, 1) + 0.01 * torch.rand(200, 4, generator=torch.Generator().manual_seed(0))
+    centroids = cosine_kmeans(x, k=4, init="identity")
+    assert torch.allclose(centroids, torch.eye(4), atol=0.02)  # axis i keeps the rows nearest to it
+    with pytest.raises(ValueError, match="k == d"):
+        cosine_kmeans(x, k=3, init="identity")
+
+
+@pytest.mark.parametrize("name", ["kmeans", "pca", "ica", "nmf", "random"])
+def test_fit_family__fits_on_training_rows_and_encodes_new_ones(name):
+    from sae.analysis.directions import fit_family
+
+    x, _ = _planted(n=600, d=12, k=4)
+    x = x.clamp_min(0)  # activations after a ReLU, as NMF needs
+    family = fit_family(name, x[:400], k=12, iters=200)
+    assert family.vectors.shape == (12, 12) and torch.allclose(family.vectors.norm(dim=1), torch.ones(12), atol=1e-5)
+    codes = family.encode(x[400:])
+    assert codes.shape == (200, 12) and torch.isfinite(codes).all()
+    assert family.info["k"] == 12 and (name != "kmeans" or family.info["init"] == "identity")
+
+
+def test_fit_family__ica_finds_sparse_sources_with_their_heavy_tail_positive():
+    from sae.analysis.directions import fit_family
+
+    generator = torch.Generator().manual_seed(0)
+    sources = torch.rand(3000, 4, generator=generator).pow(8)  # sparse, non-negative, positively skewed
+    mixing = torch.nn.functional.normalize(torch.randn(4, 6, generator=generator), dim=1)
+    family = fit_family("ica", sources @ mixing, k=4, iters=500)
+    codes = family.encode(sources @ mixing)
+    match = torch.corrcoef(torch.cat([codes.T, sources.T]))[:4, 4:]
+    assert (match.max(dim=1).values > 0.95).all(), "each component is one source, with the sign that makes it positive"

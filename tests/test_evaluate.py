@@ -74,7 +74,9 @@ def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, i
     curves = metrics["curves"]
     assert curves["n_units"] == {"neurons": CHANNELS, "features": 2 * CHANNELS}
     assert 0 < curves["gap_neurons_and_features_deg"] <= curves["gap_neurons_deg"] <= 360
-    assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "random"}
+    assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "pca", "random"}
+    ii = json.loads((out / "interpretability.json").read_text())
+    assert ii["position"] == "centre" and ii["fit_images"] == ii["scored_images"] == 2 and not ii["in_sample"]
     for name in ("density.png", "curves_orientations.png", "curves.csv", "interpretability.json",
                  "interpretability.png", "index.html", "neurons.html"):
         assert (out / name).is_file(), name
@@ -161,7 +163,8 @@ def test_wandb_run_id__finds_the_runs_newest_wandb_run(tmp_path: Path):
     assert wandb_run_id(tmp_path) == "bbbb2222"
 
 
-def test_interpretability_section__identical_top_images_score_highest(tmp_path: Path):
+@pytest.mark.parametrize("inputs", ["images", "crops"])
+def test_interpretability_section__identical_top_images_score_highest(tmp_path: Path, inputs: str):
     from omegaconf import OmegaConf
 
     from sae.analysis.sections import HeldOut, scan
@@ -174,9 +177,9 @@ def test_interpretability_section__identical_top_images_score_highest(tmp_path: 
     acts[:5, 0] = torch.arange(5, 0, -1).float().view(5, 1, 1)
     acts[5:, 1] = torch.arange(5, 0, -1).float().view(5, 1, 1)  # unit 1's top five: unrelated noise
     held = HeldOut(images, acts, "mixed3b")
-    cfg = OmegaConf.create({"distances": ["pixel", "mean_colour"], "inputs": "images", "k": 5, "crop_size": 16,
-                            "kmeans_k": 2, "kmeans_iters": 3, "kmeans_sample": None, "random_k": 2, "device": None,
-                            "seed": 0})
+    cfg = OmegaConf.create({"distances": ["pixel", "mean_colour"], "position": "max", "inputs": inputs, "k": 5,
+                            "crop_size": 16, "families": ["kmeans", "random"], "fit_fraction": 0, "fit_sample": None,
+                            "kmeans_k": 2, "kmeans_iters": 3, "random_k": 2, "device": None, "seed": 0})
     section = interpretability_section(held, {"features": scan(held), "neurons": scan(held)}, tmp_path, cfg)
     for name in ("pixel", "mean_colour"):
         ii = section.units["neurons"][f"ii_{name}"]
@@ -184,3 +187,33 @@ def test_interpretability_section__identical_top_images_score_highest(tmp_path: 
         assert ii[2] != ii[2], "a unit that never fires has no II (NaN), and is counted apart"
         assert section.metrics[name]["neurons"]["n_never_fire"] == 1
     assert (tmp_path / "interpretability.png").is_file() and (tmp_path / "interpretability.json").is_file()
+
+
+def test_interpretability_section__centre_ranks_by_the_centre_position_and_fits_out_of_sample(tmp_path: Path):
+    from omegaconf import OmegaConf
+
+    from sae.analysis.sections import HeldOut, scan
+    from sae.analysis.studies import interpretability_section
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 24, 24), generator=generator, dtype=torch.uint8)  # mixed3b: a 3x3 grid
+    images[::2] = images[0]  # the even images are one image
+    acts = torch.zeros(20, 3, 3, 3)
+    acts[::2, 0, 1, 1] = 1.0 + torch.arange(10).float()  # neuron 0 at the centre: the even images ...
+    acts[1::2, 0, 0, 0] = 100.0 + torch.arange(10).float()  # ... but its maxima are in a corner of the odd ones
+    held = HeldOut(images, acts, "mixed3b")
+    cfg = OmegaConf.create({"distances": ["pixel"], "position": "centre", "inputs": "crops", "k": 3, "crop_size": 16,
+                            "families": ["kmeans", "pca", "random"], "fit_fraction": 0.5, "fit_sample": None,
+                            "kmeans_k": None, "kmeans_init": "identity", "kmeans_iters": 5, "components": None,
+                            "iters": 50, "random_k": None, "device": None, "seed": 0})
+    section = interpretability_section(held, {}, tmp_path, cfg, sae=build_sae("relu", 3, d_sae=6))
+    assert section.units["neurons"]["ii_pixel"][0] > -1e-3, "the centre's top images: copies of one image"
+    result = json.loads((tmp_path / "interpretability.json").read_text())
+    assert result["fit_images"] == result["scored_images"] == 10 and not result["in_sample"]
+    assert result["families"]["kmeans"]["init"] == "identity" and set(result["summary"]["pixel"]) == {
+        "features", "neurons", "kmeans", "pca", "random"}
+    assert "above_random" in result["summary"]["pixel"]["kmeans"]
+    cfg.position, cfg.inputs = "max", "images"  # the previous protocol ranks neuron 0 by its corner maxima: unrelated odd images
+    maxima = scan(held)
+    legacy = interpretability_section(held, {"neurons": maxima, "features": maxima}, tmp_path, cfg)
+    assert legacy.units["neurons"]["ii_pixel"][0] < -0.1

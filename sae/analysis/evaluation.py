@@ -157,7 +157,7 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
     if "interpretability" in cfg.sections:
         from sae.analysis.studies import interpretability_section
 
-        timed("interpretability", lambda: interpretability_section(held, scans, out, cfg.interpretability))
+        timed("interpretability", lambda: interpretability_section(held, scans, out, cfg.interpretability, sae))
     browsed: dict[str, dict] = {}
     if "browser" in cfg.sections:
         timed("browser", lambda: _browse(extractor, sae, held, scans, out, cfg.browser, browsed))

@@ -2,8 +2,8 @@
 
 * curve detectors (Cammarata et al. 2020, as used by Gorton 2024): radial tuning to synthetic curves, the
   criterion of `sae.analysis.curves`, preferred orientations around the circle and the largest gap left;
-* the interpretability index (Klindt et al. 2023) of SAE features, neurons, cosine k-means directions and
-  random directions, under each configured perceptual distance.
+* the interpretability index (Klindt et al. 2023) of SAE features, neurons and the directions of cosine k-means,
+  PCA, ICA, NMF and random directions (fitted on other images), under each configured perceptual distance.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from sae.analysis import curves, examples
-from sae.analysis.interpretability import (
-    build_distance, interpretability_index, interpretability_index_from_distances, pairwise_distances,
-)
-from sae.analysis.sections import HeldOut, Section, finite_list, save_figure, scan, to_rows, write_json
+from sae.analysis.interpretability import build_distance, interpretability_index, interpretability_index_from_distances
+from sae.analysis.sections import HeldOut, Section, save_figure, scan, to_rows
 from sae.model import WeightsUnavailableError
 from sae.nn import SparseAutoencoder
 from sae.nn.io import atomic_write_bytes
@@ -98,34 +97,76 @@ def _write_curve_table(reports: dict, path: Path) -> str:
 
 
 # -- 4. interpretability index --------------------------------------------------------------------------
-def _direction_scans(held: HeldOut, cfg: Any) -> dict[str, examples.ActivationScan]:
-    """Klindt et al.'s baselines: cosine k-means centroids of the normalised activations, and random
-    directions; a direction's activation is the cosine of each position's activation with it."""
-    from sae.analysis.directions import cosine_kmeans, direction_activations, random_directions
+def interpretability_section(held: HeldOut, scans: dict[str, examples.ActivationScan], out: Path, cfg: Any,
+                             sae: SparseAutoencoder | None = None) -> Section:
+    """II (Klindt et al. 2023) of every SAE feature, neuron and direction of each family in cfg.families, under
+    every configured distance, on held-out images the directions were not fitted on.
 
-    d_in = held.acts.shape[1]
-    k = int(cfg.kmeans_k or d_in)
-    sample = to_rows(held.acts)
-    if cfg.kmeans_sample and sample.shape[0] > int(cfg.kmeans_sample):
-        rows = torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(int(cfg.seed)))
-        sample = sample[rows[: int(cfg.kmeans_sample)]]
-    normalise = lambda x: x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    centroids = cosine_kmeans(normalise(sample), k, iters=int(cfg.kmeans_iters), seed=int(cfg.seed))
-    random = random_directions(int(cfg.random_k or d_in), d_in, seed=int(cfg.seed))
-    return {name: scan(held, lambda x, dirs=dirs: direction_activations(normalise(x), dirs))
-            for name, dirs in (("kmeans", centroids), ("random", random))}
-
-
-def interpretability_section(held: HeldOut, scans: dict[str, examples.ActivationScan], out: Path, cfg: Any) -> Section:
-    """II of every unit of every kind (features, neurons, kmeans, random) under every configured distance.
-
-    Units that never fire on the held-out images (maximum <= 0 everywhere) have no top images: NaN, and
-    counted apart. cfg.inputs: "images" (whole held-out images, as in the paper) or "crops" (the receptive
-    field of the unit's strongest position).
+    cfg.fit_fraction of the images (seeded) is the training split: the families (`sae.analysis.directions`) are
+    fitted on all positions of those images; the other images are scored. cfg.position: "centre" (default:
+    each unit's activation at the grid's centre position ranks the images; needs `sae`) or "max" (its maximum
+    over positions). cfg.inputs: "crops" (the receptive field of that position) or "images" (whole images).
+    Units that never fire (k-th best <= 0) get NaN and are counted apart.
     """
+    from sae.analysis import ii_protocol
 
-    scans = {**scans, **_direction_scans(held, cfg)}
-    k = int(cfg.k)
+    position, inputs = str(cfg.get("position", "centre")), str(cfg.inputs)
+    if position not in ("centre", "max") or inputs not in ("crops", "images"):
+        raise ValueError(f"eval.interpretability: position={position!r} inputs={inputs!r}; use position centre|max "
+                         "and inputs crops|images.")
+    fit, score = ii_protocol.split_fit_score(held.images.shape[0], float(cfg.get("fit_fraction", 0.5)), int(cfg.seed))
+    families = ii_protocol.fit_families(to_rows(held.acts[fit]), list(cfg.get("families", ["kmeans", "random"])), cfg,
+                                        sample=cfg.get("fit_sample"))
+    if len(score) < int(cfg.k):
+        raise ValueError(f"eval.interpretability scores {len(score)} images (the held-out images not in the fitting "
+                         f"split, fit_fraction={cfg.get('fit_fraction', 0.5)}), fewer than k={cfg.k}: evaluate on more "
+                         "images (data.val_images, eval.max_images) or lower eval.interpretability.k.")
+    scored = HeldOut(held.images[score], held.acts[score], held.layer)
+    if position == "centre":
+        if sae is None:
+            raise ValueError("eval.interpretability.position=centre needs the SAE to encode the centre positions.")
+        values, unavailable = _centre_ii(scored, sae, families, cfg)
+    else:
+        values, unavailable = _max_ii(scored, {kind: _rows(s, score) for kind, s in scans.items()}, families, cfg)
+    protocol = {"position": position, "inputs": inputs, "k": int(cfg.k), "fit_fraction": float(cfg.get("fit_fraction", 0.5)),
+                "fit_images": int(len(fit)), "scored_images": int(len(score)),
+                "in_sample": bool(float(cfg.get("fit_fraction", 0.5)) <= 0), "families": {n: f.info for n, f in families.items()}}
+    section = Section({name: ii_protocol.summary(per_kind) for name, per_kind in values.items()})
+    section.metrics.update({name: {"available": False, "reason": reason} for name, reason in unavailable.items()})
+    section.metrics.update(position=position, inputs=inputs, k=int(cfg.k), scored_images=int(len(score)))
+    if not values:
+        return section
+    section.files += ii_protocol.write_results(out, values, unavailable, protocol)
+    for kind in ("features", "neurons"):
+        section.units[kind] = {f"ii_{name}": per_kind[kind] for name, per_kind in values.items()}
+    return section
+
+
+def _centre_ii(scored: HeldOut, sae: SparseAutoencoder, families: dict, cfg: Any):
+    """Each unit's top k scored images by its activation at the centre position, as centre crops or whole images."""
+    from sae.analysis import ii_protocol
+    from sae.model import crop_box
+
+    h, w = scored.grid
+    i, j = (h - 1) // 2, (w - 1) // 2  # on an even grid, the position whose field is centred nearest the image centre
+    x = scored.acts[:, :, i, j]  # (N, C)
+    device = sae.W_dec.device
+    with torch.inference_mode():
+        features = torch.cat([sae.encode(c.to(device)).float().cpu() for c in x.split(ROWS)])
+    acts = {"features": features, "neurons": x, **{name: f.encode(x) for name, f in families.items()}}
+    images = scored.images
+    if str(cfg.inputs) == "crops":
+        top, left, bottom, right = crop_box(scored.layer, i, j, tuple(images.shape[-2:]))
+        images = images[:, :, top:bottom, left:right]
+    return ii_protocol.score_families(acts, {"features", "neurons"}, images, cfg)
+
+
+def _max_ii(scored: HeldOut, scans: dict[str, examples.ActivationScan], families: dict, cfg: Any):
+    """The previous protocol: each unit's top k images by its maximum over positions (whole images, or the
+    crop of that position). Directions' scans come from the scored images."""
+    from sae.analysis.interpretability import pairwise_distances
+
+    scans = {**scans, **{name: scan(scored, f.encode) for name, f in families.items()}}
     values: dict[str, dict[str, np.ndarray]] = {}
     unavailable: dict[str, str] = {}
     for name in cfg.distances:
@@ -135,24 +176,19 @@ def interpretability_section(held: HeldOut, scans: dict[str, examples.Activation
             log.error("II with %s is NOT computed: %s", name, e)
             unavailable[name] = str(e)
             continue
-        # Whole images: every unit family draws its top k from the same N held-out images, so the (N, N)
-        # distance matrix is computed once per distance and indexed per unit.
-        matrix = pairwise_distances(held.images, distance) if cfg.inputs == "images" else None
-        values[name] = {kind: _unit_ii(distance, matrix, held, unit_scan, k, cfg, kind in ("features", "neurons"))
+        matrix = pairwise_distances(scored.images, distance) if cfg.inputs == "images" else None
+        values[name] = {kind: _unit_ii(distance, matrix, scored, unit_scan, int(cfg.k), cfg, kind in ("features", "neurons"))
                         for kind, unit_scan in scans.items()}
-    section = Section({name: _summary(per_kind) for name, per_kind in values.items()})
-    section.metrics.update({name: {"available": False, "reason": reason} for name, reason in unavailable.items()})
-    section.metrics["inputs"], section.metrics["k"] = str(cfg.inputs), k
-    if not values:
-        return section
-    write_json(out / "interpretability.json", {
-        "inputs": str(cfg.inputs), "k": k, "unavailable": unavailable, "summary": {n: _summary(p) for n, p in values.items()},
-        "values": {n: {kind: finite_list(v) for kind, v in p.items()} for n, p in values.items()},
-    })
-    section.files += ["interpretability.json", save_figure(ii_figure(values), out / "interpretability.png")]
-    for kind in ("features", "neurons"):
-        section.units[kind] = {f"ii_{name}": per_kind[kind] for name, per_kind in values.items()}
-    return section
+    return values, unavailable
+
+
+ROWS = 8192  # centre vectors encoded at once
+
+
+def _rows(unit_scan: examples.ActivationScan, images: Tensor) -> examples.ActivationScan:
+    """The scan restricted to some images (its rows), e.g. the scored split."""
+    return examples.ActivationScan(unit_scan.units, unit_scan.image_max[images], unit_scan.argmax[images],
+                                   unit_scan.fire_count, unit_scan.n_vectors, unit_scan.grid)
 
 
 def _unit_ii(distance, matrix, held: HeldOut, unit_scan: examples.ActivationScan, k: int, cfg: Any,
@@ -166,7 +202,7 @@ def _unit_ii(distance, matrix, held: HeldOut, unit_scan: examples.ActivationScan
         return result
     if cfg.inputs == "images":
         ii = interpretability_index_from_distances(matrix, top.image_index[alive])
-    elif cfg.inputs == "crops":
+    else:
         chunks = []
         for index in torch.nonzero(alive).flatten().split(256):
             sub = examples.TopExamples([top.units[i] for i in index], top.values[index], top.image_index[index],
@@ -174,37 +210,12 @@ def _unit_ii(distance, matrix, held: HeldOut, unit_scan: examples.ActivationScan
             chunks.append(interpretability_index(examples.crops(held.images, held.layer, sub, int(cfg.crop_size)),
                                                  distance))
         ii = torch.cat(chunks)
-    else:
-        raise ValueError(f"eval.interpretability.inputs={cfg.inputs!r}: use 'images' or 'crops'.")
     result[alive.numpy()] = ii.numpy()
     return result
 
 
-def _summary(per_kind: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    return {kind: {"median": float(np.nanmedian(v)) if np.isfinite(v).any() else None,
-                   "mean": float(np.nanmean(v)) if np.isfinite(v).any() else None,
-                   "n": int(np.isfinite(v).sum()), "n_never_fire": int((~np.isfinite(v)).sum())}
-            for kind, v in per_kind.items()}
-
-
 def ii_figure(values: dict[str, dict[str, np.ndarray]]):
-    """One violin plot per distance: II of each unit kind, medians marked and written."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """One violin plot per distance (see `sae.analysis.ii_protocol.ii_figure`)."""
+    from sae.analysis.ii_protocol import ii_figure as figure
 
-    figure = Figure(figsize=(4.2 * len(values), 3.6))
-    FigureCanvasAgg(figure)
-    for axis, (name, per_kind) in zip(figure.subplots(1, len(values), squeeze=False)[0], values.items()):
-        kinds = [kind for kind, v in per_kind.items() if np.isfinite(v).any()]
-        data = [v[np.isfinite(v)] for kind, v in per_kind.items() if kind in kinds]
-        if data:
-            axis.violinplot(data, showmedians=True)
-            for x, v in enumerate(data, start=1):
-                axis.annotate(f"{np.median(v):.3g}", (x, np.median(v)), textcoords="offset points", xytext=(8, 0),
-                              fontsize=8, va="center")
-        axis.set_xticks(range(1, len(kinds) + 1), [f"{kind}\n(n={len(v)})" for kind, v in zip(kinds, data)],
-                        fontsize=8)
-        axis.set_title(f"II, distance: {name}", fontsize=10)
-        axis.set_ylabel("II = -mean pairwise distance (higher: more alike)", fontsize=8)
-    figure.tight_layout()
-    return figure
+    return figure(values)

@@ -2,6 +2,7 @@
 
 from sae.data.datamodule import ActivationDataModule, ImageActivationDataModule, VectorDataModule
 from sae.data.images import CropSpec, ImageFolder, ImageSource, ImageSourceError, SampleImages, to_rgb
+from sae.data.responses import ResponseDataModule, ResponseFileError, load_responses, stimulus_paths
 from sae.data.stream import ActivationStream, ImageStream, StreamSampler, derive_seed, to_vectors
 from sae.data.vectors import ShardedVectors, ShardStream, VectorFileError, VectorStream, check_vectors, load_vectors
 
@@ -14,6 +15,8 @@ __all__ = [
     "ImageSource",
     "ImageSourceError",
     "ImageStream",
+    "ResponseDataModule",
+    "ResponseFileError",
     "SampleImages",
     "ShardStream",
     "ShardedVectors",
@@ -23,7 +26,9 @@ __all__ = [
     "VectorStream",
     "check_vectors",
     "derive_seed",
+    "load_responses",
     "load_vectors",
+    "stimulus_paths",
     "to_rgb",
     "to_vectors",
 ]

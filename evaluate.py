@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
+from sae.checks import build_from_config
 from sae.launch import check_writable, wandb_has_credentials
 
 log = logging.getLogger("sae")
@@ -55,7 +56,7 @@ def build_extractor_and_images(cfg: DictConfig, run: LoadedRun):
         log.warning("the SAE was trained on RANDOM InceptionV1 weights but is evaluated on pretrained ones.")
     if not model.get("pretrained", True) and not model.get("weights"):
         log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
-    datamodule = hydra.utils.instantiate(root.data)
+    datamodule = build_from_config(OmegaConf.to_container(root.data, resolve=True), "data")  # allow-listed classes only
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = datamodule.extractor.to(device)
     images = datamodule.held_out_images()

@@ -91,6 +91,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
     metadata = {"layer": cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
     resumed_step = None if ckpt_path is None else check_resume(ckpt_path, module, datamodule)
+    module.resuming = resumed_step is not None  # keep the saved input scale and b_dec: no init sample is drawn
     if resumed_step is None or not (out_dir / "config_resolved.yaml").is_file():
         # A resume keeps the original record; its own command is in .hydra/resume-N/.
         atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
@@ -116,23 +117,19 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
             raise Preempted(preemption.signal_name or "SIGTERM")
         # The final state, whatever the checkpoint interval: continue it later with a larger trainer.max_steps.
         if not trainer.fast_dev_run:
-            save_final(trainer, out_dir / "checkpoints" / "last.ckpt")  # every rank calls it; rank zero writes
+            # every rank calls it; rank zero writes. False: the whole training state (optimizer, loops)
+            trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", False)
         if trainer.is_global_zero:
-            module.export(out_dir)
+            try:
+                module.export(out_dir)
+            except OSError as e:  # a full disk: the checkpoint above is whole, the export is not written
+                raise OutputDirError(f"cannot write the export to {out_dir} ({e.strerror or e}); free space, then "
+                                     "export again by resuming with ckpt_path=last.") from e
             log.info("exported %s", out_dir / "sae.safetensors")
         value = trainer.callback_metrics.get(cfg.optimized_metric)
         return None if value is None else float(value)
     finally:
         close_logger(logger)
-
-
-def save_final(trainer: L.Trainer, path: Path) -> None:
-    try:
-        trainer.save_checkpoint(path, False)  # False: the whole training state (optimizer, loops), as ModelCheckpoint
-    except OSError as e:  # a full disk, a quota: the previous last.ckpt is whole (atomic writes)
-        kept = f"the previous {path} is kept" if path.is_file() else "no checkpoint was kept"
-        raise OutputDirError(f"cannot write the final checkpoint {path} ({e.strerror or e}); {kept}. Free space "
-                             "(or choose another hydra.run.dir) and continue with ckpt_path=last.") from e
 
 
 class Preempted(Exception):
@@ -173,4 +170,7 @@ class JobFailed(Exception):
 
 
 if __name__ == "__main__":
+    from sae.preflight import preflight
+
+    preflight("config")  # an unknown option or group choice: one line and exit 2, before Hydra starts
     main()

@@ -78,7 +78,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"refusing to write {path}: {', '.join(bad[:4])} hold NaN or inf at step "
                 f"{checkpoint.get('global_step')}. {kept_checkpoint_hint(Path(path).parent)}"
             )
-        atomic_save_torch(checkpoint, path)
+        try:
+            atomic_save_torch(checkpoint, path)
+        except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
+            if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+                raise
+            kept = f"the previous {Path(path).name} is kept" if Path(path).is_file() else "no earlier checkpoint"
+            raise CheckpointError(f"cannot write the checkpoint {path} ({load_error_text(e)}): is the disk full or "
+                                  f"a quota reached? {kept}. Free space, then continue with ckpt_path=last.") from e
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # `weights_only` from the caller is ignored on purpose: a checkpoint is only ever read safely.

@@ -77,6 +77,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("any_dead", torch.zeros((), dtype=torch.bool))  # see _any_dead
         self.register_buffer("nonfinite_seen", torch.zeros((), dtype=torch.bool), persistent=False)
         self._any_dead_cached: bool | None = None
+        self.resuming = False
         # Not a submodule: fresh for each validation, so "dead" there means "fired on no held-out vector".
         self._val: dict[str, SparsityMetrics] = {}
 
@@ -85,9 +86,10 @@ class SAEModule(L.LightningModule):
         """Estimate the input scale and initialize b_dec before DDP wraps the model.
 
         DDP then broadcasts rank zero's parameters and buffers, so every rank starts identical. A resumed
-        run skips this: the checkpoint restores both.
+        run (`resuming`, set by train.py before fit: Lightning reads the checkpoint only after setup) skips this:
+        the checkpoint restores both, so the saved scale and b_dec are kept, not recomputed.
         """
-        if stage != "fit" or float(self.input_scale) > 0 or self.trainer.ckpt_path is not None:
+        if stage != "fit" or float(self.input_scale) > 0 or self.resuming:
             return
         datamodule = self.trainer.datamodule
         if int(self.dead_window) == 0:

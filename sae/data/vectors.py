@@ -76,15 +76,15 @@ def check_vectors(vectors: Tensor, name: str, expected_width: int | None = None)
             f"{name}: {bad.numel()} of {vectors.shape[0]} rows hold NaN or inf (first at row {int(bad[0])}). "
             "Drop or impute those rows before training."
         )
-    if not bool(vectors.any()):
-        raise VectorFileError(f"{name}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
-                              "that the file holds the activations you meant.")
     if expected_width is not None and vectors.shape[1] != expected_width:
         raise VectorFileError(
             f"{name}: vectors have width {vectors.shape[1]} but the configured layer has {expected_width} channels. "
             "Set layer= to the layer they were recorded at, or data.check_width=false for vectors that do not "
             "come from InceptionV1 (e.g. neural recordings)."
         )
+    if not bool(vectors.any()):
+        raise VectorFileError(f"{name}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
+                              "that the file holds the activations you meant.")
     return vectors
 
 

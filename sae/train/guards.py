@@ -83,9 +83,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
             if isinstance(e, RuntimeError) and "write" not in str(e).lower():
                 raise
-            kept = f"the previous {Path(path).name} is kept" if Path(path).is_file() else "no earlier checkpoint"
+            then = (f"the previous {Path(path).name} is kept: free space, then continue with ckpt_path=last"
+                    if Path(path).is_file() else "no checkpoint was written: free space, then run the command again")
             raise CheckpointError(f"cannot write the checkpoint {path} ({load_error_text(e)}): is the disk full or "
-                                  f"a quota reached? {kept}. Free space, then continue with ckpt_path=last.") from e
+                                  f"a quota reached? {then}.") from e
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # `weights_only` from the caller is ignored on purpose: a checkpoint is only ever read safely.

@@ -50,7 +50,11 @@ def load_vectors(path: str | Path) -> Tensor:
         vectors = _single_tensor(vectors, path)
     if not isinstance(vectors, (torch.Tensor, np.ndarray)):
         raise VectorFileError(f"data.path={str(path)!r} holds a {type(vectors).__name__}, not an (N, d) array.")
-    return check_vectors(torch.as_tensor(vectors).float(), str(path))
+    vectors = check_vectors(torch.as_tensor(vectors).float(), str(path))
+    if not bool(vectors.any()):
+        raise VectorFileError(f"{path}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
+                              "that the file holds the activations you meant.")
+    return vectors
 
 
 def _single_tensor(tensors: dict, path: Path) -> Tensor:
@@ -82,9 +86,6 @@ def check_vectors(vectors: Tensor, name: str, expected_width: int | None = None)
             "Set layer= to the layer they were recorded at, or data.check_width=false for vectors that do not "
             "come from InceptionV1 (e.g. neural recordings)."
         )
-    if not bool(vectors.any()):
-        raise VectorFileError(f"{name}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
-                              "that the file holds the activations you meant.")
     return vectors
 
 

@@ -9,6 +9,8 @@ import csv
 import logging
 import netrc
 import os
+import secrets
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -256,9 +258,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / WANDB_ID_FILE
     if path.is_file() and (stored := path.read_text().strip()):
         return stored
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
     if rank_zero_only.rank == 0:
         from sae.nn.io import atomic_write_bytes
 

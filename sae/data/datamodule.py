@@ -29,7 +29,9 @@ from sae.data.stream import (
     extractor_output_shape,
     to_vectors,
 )
-from sae.data.vectors import ShardedVectors, ShardStream, VectorStream, check_vectors, load_vectors, split_holdout
+from sae.data.vectors import (
+    ShardedVectors, ShardStream, VectorStream, check_not_all_zero, check_vectors, load_vectors, split_holdout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +271,7 @@ class VectorDataModule(ActivationDataModule):
             self.vectors = None
         else:
             self.cache = None
-            self.vectors = check_vectors(load_vectors(path), path, width)
+            self.vectors = check_not_all_zero(check_vectors(load_vectors(path), path, width), path)
             self.train_rows, self.val_rows = split_holdout(len(self.vectors), val_fraction, self.seed)
 
     @property

@@ -50,9 +50,12 @@ def load_vectors(path: str | Path) -> Tensor:
         vectors = _single_tensor(vectors, path)
     if not isinstance(vectors, (torch.Tensor, np.ndarray)):
         raise VectorFileError(f"data.path={str(path)!r} holds a {type(vectors).__name__}, not an (N, d) array.")
-    vectors = check_vectors(torch.as_tensor(vectors).float(), str(path))
+    return check_vectors(torch.as_tensor(vectors).float(), str(path))
+
+
+def check_not_all_zero(vectors: Tensor, name: str) -> Tensor:
     if not bool(vectors.any()):
-        raise VectorFileError(f"{path}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
+        raise VectorFileError(f"{name}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
                               "that the file holds the activations you meant.")
     return vectors
 

@@ -73,7 +73,7 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig | None
         for value in values:
             for choice in value if isinstance(value, list) else [value]:
                 if choice is not None and str(choice) not in options and str(choice) != "null":
-                    shown = "" if len(options) > 12 else f" (choices: {', '.join(options)})"
+                    shown = f" Choices: {', '.join(options)}."
                     raise CommandLineError(f"{key}={choice} is not an option of the {key!r} config group."
                                            f"{_suggest(str(choice), options, key + '=')}{shown}")
         group_overrides.append(override)

@@ -108,7 +108,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
         except SIGTERMException:
             pass  # Lightning's way of leaving fit after SIGTERM; PreemptionCheckpoint has saved last.ckpt
         except SystemExit:
-            if preemption.aborted:  # Lightning exits after a KeyboardInterrupt: the second Ctrl-C
+            if trainer.interrupted:  # Lightning exits after a KeyboardInterrupt: a second Ctrl-C, or one in set-up
                 raise Aborted(last_checkpoint_path(trainer)) from None
             raise
         if preemption.preempted or trainer.received_sigterm:
@@ -137,7 +137,7 @@ class Preempted(Exception):
 
 
 class Aborted(Exception):
-    """A second Ctrl-C: training stopped at once, without saving."""
+    """A second Ctrl-C (or one before training began): stopped at once, without saving."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -149,10 +149,10 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg)
     except Preempted as stopped:
         sys.exit(EXIT_INTERRUPTED if str(stopped) == "SIGINT" else EXIT_PREEMPTED)
-    except Aborted as aborted:
-        last = Path(str(aborted))
-        log.error("aborted by a second Ctrl-C; %s", f"{last} (saved earlier) can be resumed with ckpt_path=last"
-                  if last.is_file() else "no checkpoint was saved")
+    except (Aborted, KeyboardInterrupt) as aborted:
+        last = Path(str(aborted)) if isinstance(aborted, Aborted) else None
+        log.error("stopped by Ctrl-C without saving; %s", f"{last} (saved earlier) can be resumed with "
+                  "ckpt_path=last" if last and last.is_file() else "no checkpoint was written: run the command again")
         sys.exit(EXIT_INTERRUPTED)
     except Exception as e:
         if (bad_input := user_error(e)) is None:

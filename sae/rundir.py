@@ -122,11 +122,27 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     return removed
 
 
+def _forget_record(out_dir: Path) -> None:
+    """Remove this refused process's `.hydra/resume-N` record (Hydra wrote it before train.py could refuse)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        subdir = HydraConfig.get().output_subdir
+    except Exception:  # noqa: BLE001 - not under Hydra (tests composing a config): nothing was recorded
+        return
+    if subdir and str(subdir).startswith(".hydra/resume-"):
+        shutil.rmtree(out_dir / str(subdir), ignore_errors=True)
+
+
 def take_ownership(out_dir: Path, ckpt_path: Path | None, overwrite: bool) -> RunLock | None:
     """Rank zero locks the run directory, tidies interrupted writes, and refuses to replace another run."""
     if rank_zero_only.rank != 0:
         return None  # the DDP processes rank zero launched share its directory and its lock
-    lock = RunLock(out_dir).acquire()
+    try:
+        lock = RunLock(out_dir).acquire()
+    except RunDirBusyError:
+        _forget_record(out_dir)
+        raise
     try:
         remove_stale_temp_files(out_dir)
         continues_here = ckpt_path is not None and out_dir.resolve() in ckpt_path.resolve().parents
@@ -134,5 +150,6 @@ def take_ownership(out_dir: Path, ckpt_path: Path | None, overwrite: bool) -> Ru
             check_fresh(out_dir, overwrite)
     except BaseException:
         lock.release()
+        _forget_record(out_dir)
         raise
     return lock

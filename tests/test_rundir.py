@@ -157,3 +157,12 @@ def test_export__a_kill_between_the_two_renames_is_detected(tmp_path):
     (tmp_path / "sae.safetensors").write_bytes(old_weights)  # the json was renamed, the weights not yet
     with pytest.raises(SAEConfigError, match="two different exports"):
         load_sae(tmp_path)
+
+
+def test_ckpt_path_auto__starts_fresh_then_resumes_in_the_same_directory(vectors, tmp_path):
+    """What a requeued scheduler job does: the same command twice; the second continues the first."""
+    args = [*SMALL, f"data.path={vectors}", "logger=none", "ckpt_path=auto"]
+    assert run(tmp_path, *args, "trainer.max_steps=10").returncode == 0
+    again = run(tmp_path, *args)
+    assert again.returncode == 0, text(again)[-3000:]
+    assert "resuming from" in text(again) and load_sae(tmp_path)[1]["global_step"] == 20

@@ -42,5 +42,5 @@ def load_error_text(error: BaseException) -> str:
                 "unpickling them can run code")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     lines = [line for line in lines if not any(hint in line for hint in UNSAFE_HINTS)]
-    text = (lines[0] if lines else "")[:200]
+    text = (lines[0] if lines else "").split(". ")[0][:200]  # the first sentence: the cause, not the library's advice
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

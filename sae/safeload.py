@@ -32,7 +32,7 @@ def refused_by_safe_load(error: BaseException) -> bool:
     """Whether `error` is a safe load refusing Python objects (rather than a torn or foreign file)."""
     text = str(error).lower()
     return (isinstance(error, pickle.UnpicklingError) and "weights only" in text) or (
-        isinstance(error, ValueError) and "allow_pickle" in text)
+        isinstance(error, ValueError) and ("object arrays" in text or "python objects in dtype" in text))
 
 
 def load_error_text(error: BaseException) -> str:
@@ -40,6 +40,9 @@ def load_error_text(error: BaseException) -> str:
     if refused_by_safe_load(error):
         return ("it holds Python objects, not only tensors and plain values; such files are never loaded, because "
                 "unpickling them can run code")
+    if isinstance(error, ValueError) and "pickled" in str(error):  # numpy: not the .npy format at all
+        return ("it is not a .npy array (numpy would read any other file as a pickle, which is never loaded "
+                "because it can run code)")
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     lines = [line for line in lines if not any(hint in line for hint in UNSAFE_HINTS)]
     text = (lines[0] if lines else "").split(". ")[0][:200]  # the first sentence: the cause, not the library's advice

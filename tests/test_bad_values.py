@@ -21,9 +21,16 @@ from sae.nn import load_sae
 from sae.preflight import preflight
 from sae.train.guards import CheckpointError, DataStatisticsError, NonFiniteLossError
 from tests.conftest import REPO, write_images
-from tests.test_bad_input import assert_refused, train_with, vector_run, vectors_file  # noqa: F401 (fixture)
+from tests.test_bad_input import assert_refused, train_with, vector_run
 
 REAL_RUN = ["trainer.fast_dev_run=false", "trainer.max_steps=3", "trainer.val_check_interval=3"]
+
+
+@pytest.fixture
+def vectors_file(tmp_path):
+    path = tmp_path / "acts.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(600, 32)).astype(np.float32))
+    return path
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
 from sae.analysis.responses_eval import evaluate_responses, is_responses_run
+from sae.checks import BadConfigError, build_from_config
 from sae.launch import check_writable, wandb_has_credentials
 from sae.run.configs import register_configs
 
@@ -42,6 +43,7 @@ def expand(patterns) -> list[Path]:
 def build_extractor_and_images(cfg: DictConfig, run: LoadedRun):
     """The run's InceptionV1 extractor (model overrides applied) and its held-out images (data= as in training)."""
     train = run.train_config or {}
+    check_layer_of(run)
     if not cfg.get("data") and "data" not in train:
         raise RunNotFoundError(f"{run.source} has no config_resolved.yaml: pass the images, e.g. data=imagefolder "
                                "data.root=DIR, and model.pretrained=true|false as in training.")
@@ -57,13 +59,28 @@ def build_extractor_and_images(cfg: DictConfig, run: LoadedRun):
         log.warning("the SAE was trained on RANDOM InceptionV1 weights but is evaluated on pretrained ones.")
     if not model.get("pretrained", True) and not model.get("weights"):
         log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
-    datamodule = hydra.utils.instantiate(root.data)
+    datamodule = build_from_config(OmegaConf.to_container(root.data, resolve=True), "data")  # allow-listed classes only
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = datamodule.extractor.to(device)
     images = datamodule.held_out_images()
     if cfg.eval.max_images:
         images = images[: int(cfg.eval.max_images)]
     return extractor, images
+
+
+def check_layer_of(run: LoadedRun) -> None:
+    """The SAE's recorded layer agrees with the run's config and has the SAE's width (one line, exit 2, if not)."""
+    from sae.model import check_layer, layer_channels
+
+    trained = ((run.train_config or {}).get("layer") or {}).get("name")
+    if trained and run.meta.get("layer") and trained != run.meta["layer"]:
+        raise BadConfigError(f"{run.source}: sae.json names layer {run.meta['layer']!r} but the run's "
+                             f"config_resolved.yaml was trained on {trained!r}; the export and the run do not belong "
+                             "together. Evaluate the directory that train.py wrote for this SAE.")
+    channels = layer_channels(check_layer(run.layer))
+    if channels != run.sae.d_in:
+        raise BadConfigError(f"{run.source}: the SAE reads d_in={run.sae.d_in} but layer {run.layer!r} has "
+                             f"{channels} channels; its sae.json names the wrong layer.")
 
 
 def wandb_run_id(run_dir: Path | None) -> str | None:
@@ -160,4 +177,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from sae.preflight import preflight
+
+    preflight("evaluate")  # an unknown option or group choice: one line and exit 2, before Hydra starts
     main()

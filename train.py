@@ -21,12 +21,18 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from callbacks.preemption import PreemptionCheckpoint
+from callbacks.preemption import PreemptionCheckpoint, last_checkpoint_path
 from sae.hostmem import reuse_freed_host_memory
-from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
+from sae.launch import (
+    OutputDirError, build_callbacks, build_logger, check_numbers, check_writable, close_logger, random_weights,
+    run_config,
+)
 from sae.nn.io import atomic_write_bytes
-from sae.train.guards import CheckpointError, ResumeMismatchError, SafeCheckpointIO, load_checkpoint_file
 from sae.run.configs import register_configs
+from sae.rundir import take_ownership
+from sae.train.guards import (
+    CheckpointError, ResumeMismatchError, SafeCheckpointIO, check_restorable, load_checkpoint_file,
+)
 
 log = logging.getLogger("sae")
 
@@ -50,24 +56,32 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> Path | None:
     return Path(ckpt_path).expanduser()
 
 
-def check_resume(path: Path, module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-    """Before any training: the checkpoint reads whole and holds this SAE and this data stream."""
+def check_resume(path: Path, module: L.LightningModule, datamodule: L.LightningDataModule) -> int:
+    """Before any training: the checkpoint reads whole and holds this SAE and this data stream. Returns its step."""
     checkpoint = load_checkpoint_file(path)
     module.check_resumable(checkpoint, name=str(path))
+    check_restorable(checkpoint, module.state_dict(), path)
     saved_seed = checkpoint.get(type(datamodule).__qualname__, {}).get("seed", datamodule.seed)
     if saved_seed != datamodule.seed:
         raise ResumeMismatchError(f"{path} was trained with seed={saved_seed} but this run has seed={datamodule.seed}; "
                                   "resume with the original seed.")
     log.info("resuming from %s (step %d)", path, checkpoint["global_step"])
-    # A kill during an atomic write leaves its temp file (never a torn checkpoint): tidy those away.
-    for stale in path.parent.glob(".*.ckpt.*.tmp"):
-        stale.unlink(missing_ok=True)
-        log.info("removed %s, left by a write that was interrupted", stale.name)
+    return int(checkpoint["global_step"])
 
 
 def train(cfg: DictConfig) -> float | None:
+    check_numbers(cfg)
     out_dir = check_writable(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
+    lock = take_ownership(out_dir, ckpt_path, overwrite=bool(cfg.get("overwrite", False)))
+    try:
+        return _train(cfg, out_dir, ckpt_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("reuse_host_memory", True):
         reuse_freed_host_memory()  # before the data module: its worker processes inherit the setting
@@ -77,10 +91,12 @@ def train(cfg: DictConfig) -> float | None:
     config = run_config(cfg)
     metadata = {"layer": getattr(datamodule, "layer", None) or cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
-    if ckpt_path is not None:
-        check_resume(ckpt_path, module, datamodule)
-    atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-    logger = build_logger(cfg)
+    resumed_step = None if ckpt_path is None else check_resume(ckpt_path, module, datamodule)
+    module.resuming = resumed_step is not None  # keep the saved input scale and b_dec: no init sample is drawn
+    if resumed_step is None or not (out_dir / "config_resolved.yaml").is_file():
+        # A resume keeps the original record; its own command is in .hydra/resume-N/.
+        atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    logger = build_logger(cfg, resumed_step)
     preemption = PreemptionCheckpoint()
     try:
         plugins = [SafeCheckpointIO(), *hydra.utils.instantiate(cfg.trainer.get("plugins") or [])]
@@ -92,15 +108,24 @@ def train(cfg: DictConfig) -> float | None:
             trainer.fit(module, datamodule=datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         except SIGTERMException:
             pass  # Lightning's way of leaving fit after SIGTERM; PreemptionCheckpoint has saved last.ckpt
+        except SystemExit:
+            if trainer.interrupted:  # Lightning exits after a KeyboardInterrupt: a second Ctrl-C, or one in set-up
+                raise Aborted(last_checkpoint_path(trainer)) from None
+            raise
         if preemption.preempted or trainer.received_sigterm:
-            log.warning("stopped by SIGTERM at step %d; continue with ckpt_path=last hydra.run.dir=%s",
-                        trainer.global_step, out_dir)
-            raise Preempted()
+            log.warning("stopped by %s at step %d; continue with ckpt_path=last hydra.run.dir=%s",
+                        preemption.signal_name or "SIGTERM", trainer.global_step, out_dir)
+            raise Preempted(preemption.signal_name or "SIGTERM")
         # The final state, whatever the checkpoint interval: continue it later with a larger trainer.max_steps.
         if not trainer.fast_dev_run:
-            trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")  # every rank calls it; rank zero writes
+            # every rank calls it; rank zero writes. False: the whole training state (optimizer, loops)
+            trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", False)
         if trainer.is_global_zero:
-            module.export(out_dir)
+            try:
+                module.export(out_dir)
+            except OSError as e:  # a full disk: the checkpoint above is whole, the export is not written
+                raise OutputDirError(f"cannot write the export to {out_dir} ({e.strerror or e}); free space, then "
+                                     "export again by resuming with ckpt_path=last.") from e
             log.info("exported %s", out_dir / "sae.safetensors")
         value = trainer.callback_metrics.get(cfg.optimized_metric)
         return None if value is None else float(value)
@@ -109,7 +134,11 @@ def train(cfg: DictConfig) -> float | None:
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM after saving last.ckpt (no export: the SAE is not finished)."""
+    """Training stopped on SIGTERM or Ctrl-C after saving last.ckpt (no export: the SAE is not finished)."""
+
+
+class Aborted(Exception):
+    """A second Ctrl-C (or one before training began): stopped at once, without saving."""
 
 
 register_configs()  # the generated groups (layer=...) before Hydra composes
@@ -117,13 +146,18 @@ register_configs()  # the generated groups (layer=...) before Hydra composes
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from sae.errors import EXIT_PREEMPTED, exit_code, user_error
+    from sae.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, exit_code, user_error
     from sae.launch import sweep_job
 
     try:
         return train(cfg)
-    except Preempted:
-        sys.exit(EXIT_PREEMPTED)
+    except Preempted as stopped:
+        sys.exit(EXIT_INTERRUPTED if str(stopped) == "SIGINT" else EXIT_PREEMPTED)
+    except (Aborted, KeyboardInterrupt) as aborted:
+        last = Path(str(aborted)) if isinstance(aborted, Aborted) else None
+        log.error("stopped by Ctrl-C without saving; %s", f"{last} (saved earlier) can be resumed with "
+                  "ckpt_path=last" if last and last.is_file() else "no checkpoint was written: run the command again")
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:
         if (bad_input := user_error(e)) is None:
             raise
@@ -140,4 +174,7 @@ class JobFailed(Exception):
 
 
 if __name__ == "__main__":
+    from sae.preflight import preflight
+
+    preflight("config")  # an unknown option or group choice: one line and exit 2, before Hydra starts
     main()

@@ -5,9 +5,12 @@ This is the only place under `sae/` that knows Hydra configs and W&B.
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
+import secrets
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,13 +18,35 @@ from urllib.parse import urlparse
 
 import hydra
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sae.checks import non_negative, positive
+
 log = logging.getLogger("sae")
 
 RANDOM_WEIGHTS_TAG = "random-weights"
+
+
+_RECORD_DIRS: dict[str, str] = {}
+
+
+def run_record_dir(output_dir: str) -> str:
+    """Where Hydra records this invocation's command (`hydra.output_subdir`): `.hydra` for the run's first
+    process, `.hydra/resume-N` for each later one (a resume, a requeued job), so that the original command is
+    never overwritten. Decided once per directory and process."""
+    if output_dir not in _RECORD_DIRS:
+        base = Path(output_dir) / ".hydra"
+        n = 1
+        while (base / f"resume-{n}").exists():
+            n += 1
+        _RECORD_DIRS[output_dir] = f".hydra/resume-{n}" if (base / "overrides.yaml").exists() else ".hydra"
+    return _RECORD_DIRS[output_dir]
+
+
+OmegaConf.register_new_resolver("run_record_dir", run_record_dir, replace=True)
 
 
 class OutputDirError(OSError):
@@ -42,6 +67,18 @@ def check_writable(directory: str | Path) -> Path:
             "Choose a writable place with hydra.run.dir=DIR (or hydra.sweep.dir=DIR for -m)."
         ) from e
     return path
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Value ranges of the trainer's and the checkpoints' numeric options, before any work (exit 2 if not)."""
+    positive("trainer.max_steps", cfg.trainer.get("max_steps"), integer=True)
+    interval = cfg.trainer.get("val_check_interval")
+    if interval is not None:
+        positive("trainer.val_check_interval", interval, integer=isinstance(interval, int))
+    positive("trainer.log_every_n_steps", cfg.trainer.get("log_every_n_steps", 50), integer=True)
+    every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
+    if every is not None:
+        non_negative("callbacks.model_checkpoint.every_n_train_steps", every, integer=True)
 
 
 def uses_inceptionv1(cfg: DictConfig) -> bool:
@@ -172,7 +209,7 @@ def sweep_job() -> tuple[str, int] | None:
     return str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
 
 
-def build_logger(cfg: DictConfig) -> Any:
+def build_logger(cfg: DictConfig, resumed_step: int | None = None) -> Any:
     """The configured Lightning logger, or False for logger=none.
 
     W&B with no credentials (and no explicit WANDB_MODE) logs offline, says so in one line, and the run
@@ -193,6 +230,9 @@ def build_logger(cfg: DictConfig) -> Any:
             sweep_dir, job_num = sweep
             overrides["group"] = cfg.logger.get("group") or f"sweep:{sweep_dir}"[-128:]
             overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name}#{job_num}"
+        # One W&B run per run directory: a resumed run continues it (its id is kept in the directory).
+        overrides["id"] = wandb_run_id(Path(cfg.paths.output_dir))
+        overrides["resume"] = "allow"
         mode = os.environ.get("WANDB_MODE", "").lower()
         if mode in ("offline", "dryrun") or (not mode and not cfg.logger.get("offline") and not wandb_has_credentials()):
             overrides["offline"] = True
@@ -202,13 +242,77 @@ def build_logger(cfg: DictConfig) -> Any:
                     "sync later with `wandb sync %s/wandb/offline-run-*`.",
                     cfg.paths.output_dir, cfg.paths.output_dir,
                 )
-    return hydra.utils.instantiate(cfg.logger, **overrides)
+    if target.endswith("TensorBoardLogger") and resumed_step is not None:
+        overrides["purge_step"] = resumed_step  # TensorBoard drops the interrupted run's events from here on
+    logger = hydra.utils.instantiate(cfg.logger, **overrides)
+    if resumed_step is not None and isinstance(logger, ResumableCSVLogger):
+        logger.resume_at(resumed_step)
+    return logger
+
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: the stored one, or a new one that rank zero stores."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and (stored := path.read_text().strip()):
+        return stored
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    if rank_zero_only.rank == 0:
+        from sae.nn.io import atomic_write_bytes
+
+        atomic_write_bytes(path, f"{run_id}\n".encode())
+    return run_id
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    """Instantiate every entry of the `callbacks` group that has a `_target_`."""
+    """Instantiate every entry of the `callbacks` group that has a `_target_`. Without a logger (logger=none)
+    the LR monitor, which only writes to a logger, is left out (Lightning refuses it there)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
     entries: Iterable = (cfg.get("callbacks") or {}).values()
-    return [hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    callbacks = [hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    if not cfg.get("logger"):
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, but a resumed run appends to `metrics.csv` instead of deleting it: rows from the
+    resumed step on (logged before the interruption, logged again now) are dropped by `resume_at`, so the file
+    is one history."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def resume_at(self, step: int) -> None:
+        self.experiment.drop_from(step)
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def drop_from(self, step: int) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if not row.get("step") or float(row["step"]) < step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
 
 
 def run_config(cfg: DictConfig) -> dict:

@@ -282,7 +282,7 @@ def test_dead_fraction_state_dict_round_trip():
     torch.save(state, buffer)
     buffer.seek(0)
     restored = DeadFraction(2, window=10)
-    restored.load_state_dict(torch.load(buffer))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.saturated
     # Continuing both with the same data gives the same answers: [0+3+7, 15+7] = [10, 22].
     for metric in (dead, restored):
@@ -404,7 +404,7 @@ def test_ddp_reduction_equals_single_process_on_all_data(tmp_path):
     # Phase 2: feature 1 last fired 10 + 7 = 17 >= 12 vectors ago -> dead with feature 2.
     assert single[2]["vectors_since_fired"][:4].tolist() == [0, 17, 29, 0]
     for rank in range(WORLD):
-        ranked = torch.load(tmp_path / f"rank{rank}.pt")
+        ranked = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for phase, (got, want) in enumerate(zip(ranked, single)):
             assert got.keys() == want.keys()
             for key in want:

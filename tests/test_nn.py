@@ -377,7 +377,7 @@ def test_atomic_writes__replace_the_target_and_leave_no_temp_files(tmp_path):
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file, not 0600
     atomic_save_torch({"w": torch.arange(3)}, tmp_path / "ckpt.pt")
-    assert torch.equal(torch.load(tmp_path / "ckpt.pt")["w"], torch.arange(3))
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"], torch.arange(3))
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["blob.bin", "ckpt.pt"]
 
 

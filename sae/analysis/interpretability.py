@@ -22,6 +22,7 @@ import http.client
 import logging
 import os
 import warnings
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from sae.model import WeightsUnavailableError
 from sae.model.weights import hub_state_dict
+from sae.safeload import torch_load
 
 log = logging.getLogger("sae.analysis")
 
@@ -163,7 +165,10 @@ class LPIPSDistance(Distance):
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips's `pretrained=`
             torch.manual_seed(RANDOM_BACKBONE_SEED)
-            self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+            self.model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+        # lpips's own heads (package data), read here weights-only: lpips's torch.load does not say so itself.
+        heads = Path(lpips.__file__).parent / "weights" / f"v{self.model.version}" / f"{net}.pth"
+        self.model.load_state_dict(torch_load(heads), strict=False)
         if pretrained:
             _load_backbone_(self.model.net, _backbone_state_dict(net), net)
         else:

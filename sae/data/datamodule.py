@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from sae.checks import BadConfigError, fraction, non_negative, positive
 from sae.data.images import CropSpec, ImageFolder, ImageSource, ImageSourceError
 from sae.data.stream import (
     ActivationStream,
@@ -28,7 +29,9 @@ from sae.data.stream import (
     extractor_output_shape,
     to_vectors,
 )
-from sae.data.vectors import ShardedVectors, ShardStream, VectorStream, check_vectors, load_vectors, split_holdout
+from sae.data.vectors import (
+    ShardedVectors, ShardStream, VectorStream, check_not_all_zero, check_vectors, load_vectors, split_holdout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,7 @@ class ActivationDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int = 4096, seed: int = 0):
         super().__init__()
-        if int(batch_size) <= 0:
-            raise ValueError(f"data.batch_size={batch_size} must be a positive number of vectors per step.")
+        positive("data.batch_size", batch_size, integer=True)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self._start_batch = 0
         self._train_stream = None
@@ -123,13 +125,21 @@ class ImageActivationDataModule(ActivationDataModule):
         seed: int = 0,
     ):
         super().__init__(batch_size, seed)
+        positive("data.val_images", val_images, integer=True)
+        positive("data.image_size", image_size, integer=True)
+        positive("data.vectors_per_window", vectors_per_window, integer=True)
+        positive("data.image_batch_size", image_batch_size, integer=True)
+        non_negative("data.num_workers", num_workers, integer=True)
+        if len(crop_scale) != 2 or not 0 < fraction("data.crop_scale", crop_scale[0], low_open=True) <= \
+                fraction("data.crop_scale", crop_scale[1], low_open=True):
+            raise BadConfigError(f"data.crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1.")
         if (source is None) == (root is None):
             raise ValueError("give exactly one image source: data.root=DIR (a folder of images) or data=sample.")
         source = ImageFolder(root) if root is not None else source
         self.extractor, self.source = extractor, source
         source.validate()
-        if positions_per_image is not None and int(positions_per_image) <= 0:
-            raise ValueError(f"data.positions_per_image={positions_per_image} must be positive or null (all).")
+        if positions_per_image is not None:
+            positive("data.positions_per_image", positions_per_image, integer=True)
         self.crop = CropSpec(size=int(image_size), scale=tuple(crop_scale))
         self.positions_per_image = None if positions_per_image is None else int(positions_per_image)
         self.vectors_per_window, self.image_batch_size = int(vectors_per_window), int(image_batch_size)
@@ -209,7 +219,15 @@ class ImageActivationDataModule(ActivationDataModule):
             held_out = HeldOutImages(self.source, self.val_indices, self.crop, derive_seed(self.seed, 9),
                                      not self.holdout)
             loader = DataLoader(held_out, batch_size=self.image_batch_size, num_workers=0)
-            self._held_out = torch.cat([pixels for pixels, _ in loader])
+            pixels, skipped = (torch.cat(parts) for parts in zip(*loader))
+            self.held_out_skipped = int(skipped.sum())
+            if self.held_out_skipped == len(held_out):
+                raise ImageSourceError(f"{self.source!r}: none of the {len(held_out)} held-out images could be "
+                                       "decoded; check the image files.")
+            if self.held_out_skipped:
+                log.warning("%d of %d held-out images are unreadable and were skipped; %d are used.",
+                            self.held_out_skipped, len(held_out), len(held_out) - self.held_out_skipped)
+            self._held_out = pixels[skipped == 0]
         return self._held_out
 
     def _extract_val(self) -> list[Tensor]:
@@ -234,6 +252,8 @@ class VectorDataModule(ActivationDataModule):
     def __init__(self, path: str, batch_size: int = 4096, val_fraction: float = 0.05, expected_width: int | None = None,
                  check_width: bool = True, seed: int = 0, shuffle_vectors: int = 262144):
         super().__init__(batch_size, seed)
+        fraction("data.val_fraction", val_fraction, high_open=True)
+        positive("data.shuffle_vectors", shuffle_vectors, integer=True)
         self.path, self.shuffle_vectors = path, int(shuffle_vectors)
         width = expected_width if check_width else None
         if Path(path).expanduser().is_dir():
@@ -247,7 +267,7 @@ class VectorDataModule(ActivationDataModule):
             self.vectors = None
         else:
             self.cache = None
-            self.vectors = check_vectors(load_vectors(path), path, width)
+            self.vectors = check_not_all_zero(check_vectors(load_vectors(path), path, width), path)
             self.train_rows, self.val_rows = split_holdout(len(self.vectors), val_fraction, self.seed)
 
     @property

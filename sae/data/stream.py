@@ -85,7 +85,13 @@ class HeldOutImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = self.source.load(self.indices[i])
+        """(image (3, S, S) uint8, 0), or (zeros, 1) for a corrupt file: the caller drops and counts those, as
+        the training stream skips and counts its own."""
+        try:
+            image = self.source.load(self.indices[i])
+        except Exception as e:  # noqa: BLE001 - corrupt or unreadable: skip and count, never crash
+            log.warning("skipping unreadable held-out image %s: %s", self.source.describe(self.indices[i]), e)
+            return torch.zeros(3, self.crop.size, self.crop.size, dtype=torch.uint8), 1
         if self.random_crops:
             rng = np.random.default_rng(derive_seed(self.seed, i, 3))
             box = random_crop_box(image.width, image.height, self.crop, rng)
@@ -166,6 +172,7 @@ class ActivationStream:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=ignore_sigint if self.num_workers > 0 else None,
         )
 
     def window(self, images: Iterator[tuple[Tensor, Tensor]], index: int) -> Tensor:
@@ -194,6 +201,14 @@ class ActivationStream:
                 # A clone outside inference mode: a normal tensor that autograd may save for backward.
                 yield vectors[b * self.batch_size : (b + 1) * self.batch_size].clone()
             skip, index = 0, index + 1
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process: a terminal's Ctrl-C reaches the whole process group,
+    and a worker that died of it would fail the main process's next fetch before it saved last.ckpt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def extractor_output_shape(extractor: nn.Module, image_size: int) -> tuple[int, int, int]:

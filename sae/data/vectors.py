@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sae.data.stream import derive_seed
+from sae.safeload import load_error_text, np_load, torch_load
 
 VECTOR_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -31,19 +32,32 @@ def load_vectors(path: str | Path) -> Tensor:
     if not path.exists():
         raise VectorFileError(f"data.path={str(path)!r} does not exist. Give an (N, d) array as {VECTOR_SUFFIXES}.")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        vectors = torch.from_numpy(np.load(path, mmap_mode="r").astype(np.float32, copy=True))
-    elif suffix in (".pt", ".pth"):
-        vectors = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(vectors, dict):
-            vectors = _single_tensor(vectors, path)
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        vectors = _single_tensor(load_file(path), path)
-    else:
+    if suffix not in VECTOR_SUFFIXES:
         raise VectorFileError(f"data.path={str(path)!r}: unknown format {suffix!r}; use one of {VECTOR_SUFFIXES}.")
+    try:
+        if suffix == ".npy":
+            vectors = torch.from_numpy(np_load(path, mmap_mode="r").astype(np.float32, copy=True))
+        elif suffix in (".pt", ".pth"):
+            vectors = torch_load(path, map_location="cpu")
+        else:
+            from safetensors.torch import load_file
+
+            vectors = load_file(path)
+    except Exception as e:  # noqa: BLE001 - numpy, pickle, zip and header errors come in many types
+        raise VectorFileError(f"data.path={str(path)!r} cannot be read ({load_error_text(e)}). Give an (N, d) "
+                              f"float array as {VECTOR_SUFFIXES}.") from e
+    if isinstance(vectors, dict):
+        vectors = _single_tensor(vectors, path)
+    if not isinstance(vectors, (torch.Tensor, np.ndarray)):
+        raise VectorFileError(f"data.path={str(path)!r} holds a {type(vectors).__name__}, not an (N, d) array.")
     return check_vectors(torch.as_tensor(vectors).float(), str(path))
+
+
+def check_not_all_zero(vectors: Tensor, name: str) -> Tensor:
+    if not bool(vectors.any()):
+        raise VectorFileError(f"{name}: all {vectors.shape[0]} vectors are zero; there is nothing to learn. Check "
+                              "that the file holds the activations you meant.")
+    return vectors
 
 
 def _single_tensor(tensors: dict, path: Path) -> Tensor:
@@ -140,7 +154,11 @@ class ShardedVectors:
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != CACHE_FORMAT:
             raise VectorFileError(f"{manifest_path}: format {self.manifest.get('format')!r} is not {CACHE_FORMAT!r}.")
-        self.shards = [np.load(self.directory / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        try:
+            self.shards = [np_load(self.directory / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        except Exception as e:  # noqa: BLE001 - a missing, torn or pickled shard
+            raise VectorFileError(f"{self.directory}: a shard cannot be read ({load_error_text(e)}); rewrite the "
+                                  "cache with `python -m sae.cache`.") from e
         if not self.shards:
             raise VectorFileError(f"{manifest_path} lists no shards yet: let `python -m sae.cache` write one first.")
         self.width = int(self.manifest["d_in"])

@@ -31,6 +31,8 @@ import torch
 from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1, model_urls
 from torch import Tensor, nn
 
+from sae.safeload import load_error_text, torch_load
+
 log = logging.getLogger("sae.model")
 
 WEIGHTS_URL: str = model_urls["inceptionv1"]
@@ -119,14 +121,16 @@ def _lucid_state_dict() -> dict[str, Tensor]:
         return hub_state_dict(WEIGHTS_URL)
     except (OSError, http.client.HTTPException) as err:
         if was_cached:
-            raise WeightsError(f"Cannot read the cached weights {cache} ({err}); delete the file and retry.") from err
+            raise WeightsError(f"Cannot read the cached weights {cache} ({load_error_text(err)}); delete the file and "
+                               "retry.") from err
         raise WeightsUnavailableError(
             f"Cannot download lucid's InceptionV1 weights from {WEIGHTS_URL} into the torch hub cache {cache} "
             f"({type(err).__name__}: {err}). Fix: put a copy of that file at {cache}, or load a local copy with "
             f"model.weights=PATH, or (for testing only) use random weights with model.pretrained=false."
         ) from err
     except Exception as err:  # a cached or just-downloaded file that torch.load rejects
-        raise WeightsError(f"Cannot read the weights at {cache} ({err}); delete the file and retry.") from err
+        raise WeightsError(f"Cannot read the weights at {cache} ({load_error_text(err)}); delete the file and retry.") \
+            from err
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -138,9 +142,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if path.suffix == ".safetensors":
             state = _read_safetensors(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load(path, map_location="cpu")
     except Exception as err:  # unpickling, zip and header errors come in many types
-        raise WeightsError(f"Cannot read weights file {path} ({err}). Expected {EXPECTED_FORMAT}.") from err
+        raise WeightsError(f"Cannot read weights file {path} ({load_error_text(err)}). Expected {EXPECTED_FORMAT}.") \
+            from err
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict of tensors. Expected {EXPECTED_FORMAT}.")
     return dict(state)
@@ -191,4 +196,8 @@ def _load_checked(net: nn.Module, state: Mapping[str, Tensor], origin: str) -> N
         raise WeightsError(
             f"{origin} is not an InceptionV1 state dict ({'; '.join(problems)}). Expected {EXPECTED_FORMAT}."
         )
+    nonfinite = [k for k in expected if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if nonfinite:
+        raise WeightsError(f"{origin} holds NaN or inf in {len(nonfinite)} tensor(s) ({', '.join(nonfinite[:3])}): a "
+                           "damaged or diverged file. Use an intact copy of lucid's InceptionV1 weights.")
     net.load_state_dict(state)

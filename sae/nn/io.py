@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +27,7 @@ from .base import SAEConfigError, SparseAutoencoder, build_sae
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "sae.safetensors"
 CONFIG_NAME = "sae.json"
-_RESERVED_KEYS = ("format_version", "architecture", "d_in", "d_sae", "hparams", "encoder", "scale_folded")
+_RESERVED_KEYS = ("format_version", "architecture", "d_in", "d_sae", "hparams", "encoder", "scale_folded", "export_id")
 
 
 @contextlib.contextmanager
@@ -93,7 +94,8 @@ def save_sae(
     ``scale`` is the factor training multiplied inputs by; it is folded into the weights. The json
     holds format_version, architecture, d_in, d_sae, hparams, encoder (the formula), scale_folded
     and the caller's ``metadata`` (layer, training stats, ...), which may not reuse those keys.
-    Weights are written first, so a json on disk always describes complete weights.
+    Both carry one random ``export_id``. The json is renamed into place first and the weights last, so a
+    kill between the two renames leaves a pair whose ids differ, which ``load_sae`` refuses, naming the cause.
     """
     metadata = dict(metadata or {})
     clashes = sorted(set(metadata) & set(_RESERVED_KEYS))
@@ -109,6 +111,7 @@ def save_sae(
         "hparams": hparams,
         "encoder": sae.encoder_formula(),
         "scale_folded": float(scale),
+        "export_id": secrets.token_hex(8),
         **metadata,
     }
     try:
@@ -116,8 +119,9 @@ def save_sae(
     except (TypeError, ValueError) as err:
         raise SAEConfigError(f"sae.json metadata must be JSON-serialisable with finite numbers: {err}") from err
     directory = Path(directory)
-    atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_save(tensors, metadata={"format_version": "1"}))
+    weights = safetensors_save(tensors, metadata={"format_version": "1", "export_id": config["export_id"]})
     atomic_write_bytes(directory / CONFIG_NAME, config_bytes)
+    atomic_write_bytes(directory / WEIGHTS_NAME, weights)
 
 
 def _resolve_paths(directory_or_file: str | os.PathLike) -> tuple[Path, Path]:
@@ -164,6 +168,12 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], expected: dict[str, T
             raise SAEConfigError(f"{path}: tensor {name!r} must be floating point with only finite values")
 
 
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (already validated by the loader)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
 def load_sae(directory_or_file: str | os.PathLike) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Read an export written by ``save_sae``: (SAE in raw units, in eval mode; the sae.json dict).
 
@@ -178,9 +188,14 @@ def load_sae(directory_or_file: str | os.PathLike) -> tuple[SparseAutoencoder, d
     except (TypeError, ValueError) as err:
         raise SAEConfigError(f"{config_path} describes an SAE that cannot be built: {err}") from err
     try:
-        tensors = safetensors_load(weights_path.read_bytes())
+        data = weights_path.read_bytes()
+        tensors = safetensors_load(data)
     except SafetensorError as err:
         raise SAEConfigError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    weights_id = _safetensors_metadata(data).get("export_id")
+    if config.get("export_id") and weights_id and weights_id != config["export_id"]:
+        raise SAEConfigError(f"{config_path} and {weights_path} come from two different exports (a write was "
+                             "interrupted between them); export again, e.g. by resuming the run with ckpt_path=last.")
     _check_tensors(weights_path, tensors, sae.export_tensors())
     sae.load_exported_(tensors)
     return sae.eval(), config

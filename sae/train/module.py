@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sae.checks import BadConfigError, fraction, non_negative, positive
 from sae.metrics import SparsityMetrics
 from sae.nn import SparseAutoencoder, build_sae, save_sae
-from sae.train.guards import NonFiniteLossError, ResumeMismatchError
+from sae.train.guards import DataStatisticsError, NonFiniteLossError, ResumeMismatchError, kept_checkpoint_hint
 from sae.train.resampling import ResampleSchedule, draw_replacements, resample_features_
 from sae.train.schedules import lr_factor, sparsity_factor
 
@@ -54,6 +55,9 @@ class SAEModule(L.LightningModule):
         **arch_hparams: Any,
     ):
         super().__init__()
+        check_hparams(lr=lr, betas=betas, lr_warmup_steps=lr_warmup_steps, lr_decay_fraction=lr_decay_fraction,
+                      sparsity_warmup_steps=sparsity_warmup_steps, init_sample=init_sample, dead_window=dead_window,
+                      resample=resample)
         # Plain containers (not a config library's), so checkpoints load with torch.load(weights_only=True).
         resample, betas, metadata = (dict(resample) if resample else None), tuple(betas), dict(metadata or {})
         self.save_hyperparameters()
@@ -73,6 +77,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("any_dead", torch.zeros((), dtype=torch.bool))  # see _any_dead
         self.register_buffer("nonfinite_seen", torch.zeros((), dtype=torch.bool), persistent=False)
         self._any_dead_cached: bool | None = None
+        self.resuming = False
         # Not a submodule: fresh for each validation, so "dead" there means "fired on no held-out vector".
         self._val: dict[str, SparsityMetrics] = {}
 
@@ -81,9 +86,10 @@ class SAEModule(L.LightningModule):
         """Estimate the input scale and initialize b_dec before DDP wraps the model.
 
         DDP then broadcasts rank zero's parameters and buffers, so every rank starts identical. A resumed
-        run skips this: the checkpoint restores both.
+        run (`resuming`, set by train.py before fit: Lightning reads the checkpoint only after setup) skips this:
+        the checkpoint restores both, so the saved scale and b_dec are kept, not recomputed.
         """
-        if stage != "fit" or float(self.input_scale) > 0 or self.trainer.ckpt_path is not None:
+        if stage != "fit" or float(self.input_scale) > 0 or self.resuming:
             return
         datamodule = self.trainer.datamodule
         if int(self.dead_window) == 0:
@@ -91,9 +97,7 @@ class SAEModule(L.LightningModule):
             self.dead_window.fill_(min(DEAD_WINDOW_MAX, max(datamodule.batch_size, total // 5)))
         sample = datamodule.sample_vectors(self.init_sample).float()
         self.to(sample.device)
-        scale = math.sqrt(sample.shape[1]) / float(sample.norm(dim=1).mean()) if self.normalize_inputs else 1.0
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"cannot normalize inputs: the sample's mean norm gives scale {scale}. Are all vectors zero?")
+        scale = input_scale_of(sample) if self.normalize_inputs else 1.0
         self.input_scale.fill_(scale)
         scaled = sample * scale
         self.sae.init_b_dec_(scaled, method=self.b_dec_init)
@@ -124,14 +128,17 @@ class SAEModule(L.LightningModule):
             # Before backward on CPU (checked every step there); on an accelerator within HOST_CHECK_EVERY steps.
             # Either way no checkpoint is written with non-finite weights (SafeCheckpointIO refuses them).
             raise NonFiniteLossError(
-                f"the training loss was found non-finite at step {self.global_step} (on some rank); the run stopped "
-                "and kept its last good checkpoint (checkpoints/last.ckpt). Resume it with ckpt_path=last and a "
-                "lower sae.lr (or a longer sae.lr_warmup_steps), or check the inputs."
+                f"the training loss was found non-finite at step {self.global_step} (on some rank); the run stopped. "
+                + kept_checkpoint_hint(self._checkpoint_dir())
             )
         if self._logs_this_step():
             self._log_step(x, out, losses, dead)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
         return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
+
+    def _checkpoint_dir(self) -> Path:
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        return Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logs: the train/* statistics cost (B, d_sae) passes, so they
@@ -260,6 +267,42 @@ class SAEModule(L.LightningModule):
         """Write sae.safetensors + sae.json in the layer's units (atomic)."""
         meta = {**self.metadata, **metadata, "input_scale": float(self.input_scale), "global_step": self.global_step}
         save_sae(self.sae, directory, scale=float(self.input_scale) or 1.0, metadata=meta)
+
+
+def check_hparams(lr, betas, lr_warmup_steps, lr_decay_fraction, sparsity_warmup_steps, init_sample, dead_window,
+                  resample) -> None:
+    """Every numeric option of the training module in its range, before any work (BadConfigError names it)."""
+    positive("sae.lr", lr)
+    if len(betas) != 2 or not all(0 <= fraction("sae.betas", b, high_open=True) for b in betas):
+        raise BadConfigError(f"sae.betas={list(betas)} must be two numbers in [0, 1).")
+    non_negative("sae.lr_warmup_steps", lr_warmup_steps, integer=True)
+    fraction("sae.lr_decay_fraction", lr_decay_fraction)
+    non_negative("sae.sparsity_warmup_steps", sparsity_warmup_steps, integer=True)
+    positive("sae.init_sample", init_sample, integer=True)
+    if dead_window is not None:
+        positive("sae.dead_window", dead_window, integer=True)
+    if resample:
+        positive("sae.resample.every_n_steps", resample.get("every_n_steps", 1), integer=True)
+        if resample.get("until_step") is not None:
+            non_negative("sae.resample.until_step", resample["until_step"], integer=True)
+
+
+def input_scale_of(sample: Tensor) -> float:
+    """The factor that gives `sample` (n, d_in) mean norm sqrt(d_in); computed in float64 so that very large
+    inputs (norms past float32's range) still scale correctly. Raises DataStatisticsError naming the cause."""
+    norms = sample.double().norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        raise DataStatisticsError(f"the sample of {sample.shape[0]} input vectors holds NaN or inf; check the data "
+                                  "(data.path, or the images and model weights).")
+    mean = float(norms.mean())
+    if mean == 0:
+        raise DataStatisticsError(f"all {sample.shape[0]} sampled input vectors are zero: there is nothing to learn. "
+                                  "Check the data (data.path, or the layer and model weights: a dead layer gives zeros).")
+    scale = math.sqrt(sample.shape[1]) / mean
+    if not math.isfinite(scale) or not 1e-35 < scale < 1e35:
+        raise DataStatisticsError(f"the input vectors' mean norm is {mean:.3g}, too far from 1 to scale in float32 "
+                                  f"(factor {scale:.3g}); rescale the vectors before training.")
+    return scale
 
 
 def restore_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

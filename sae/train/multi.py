@@ -119,6 +119,7 @@ class MultiSAEModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         for member in self.members:
             member.trainer = self.trainer  # members read max_steps, global_step and the datamodule from it
+            member.resuming = getattr(self, "resuming", False)
             member.setup(stage)
 
     def configure_optimizers(self):

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from sae.data.vectors import CACHE_FORMAT, MANIFEST_NAME
+from sae.errors import UserError
 from sae.nn.io import atomic_write_bytes
 
 log = logging.getLogger("sae.cache")
@@ -38,7 +39,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 CACHE_KEYS = ("out", "vectors", "images", "shard_vectors", "dtype")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache request that cannot be met: bad arguments, or an existing cache made differently."""
 
 

@@ -12,8 +12,10 @@ import math
 import numbers
 from typing import Any
 
+from sae.errors import UserError
 
-class BadConfigError(ValueError):
+
+class BadConfigError(UserError, ValueError):
     """A config option with a value outside its range, or a saved config naming something not allowed."""
 
 

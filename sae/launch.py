@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sae.checks import non_negative, positive
+from sae.errors import UserError
 
 log = logging.getLogger("sae")
 
@@ -49,7 +50,7 @@ def run_record_dir(output_dir: str) -> str:
 OmegaConf.register_new_resolver("run_record_dir", run_record_dir, replace=True)
 
 
-class OutputDirError(OSError):
+class OutputDirError(UserError, OSError):
     """The run directory cannot be written."""
 
 

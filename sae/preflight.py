@@ -17,11 +17,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sae.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXIT_BAD_INPUT = 2
 
 
-class CommandLineError(ValueError):
+class CommandLineError(UserError, ValueError):
     """An override that names no option, key or config-group choice of this project."""
 
 

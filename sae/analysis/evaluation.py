@@ -25,6 +25,8 @@ from torch import Tensor
 
 from sae.analysis import examples
 from sae.analysis.sections import HeldOut, Section, browse, fidelity, reconstruction, render, scan, write_json
+from sae.checks import BadConfigError
+from sae.errors import UserError
 from sae.nn import SparseAutoencoder, load_sae
 from sae.nn.io import CONFIG_NAME, WEIGHTS_NAME
 
@@ -37,7 +39,7 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-class RunNotFoundError(FileNotFoundError):
+class RunNotFoundError(UserError, FileNotFoundError):
     """The run directory or checkpoint to evaluate does not exist or is incomplete."""
 
 
@@ -114,7 +116,7 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
     """Run cfg.sections on the held-out `images` (N, 3, S, S) uint8; write everything under `out`."""
     unknown = sorted(set(cfg.sections) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"eval.sections has unknown {unknown}; choose from {list(SECTIONS)}.")
+        raise BadConfigError(f"eval.sections has unknown {unknown}; choose from {list(SECTIONS)}.")
     if extractor.layer != run.layer:
         raise ValueError(f"the SAE was trained on {run.layer!r} but the extractor is at {extractor.layer!r}.")
     if extractor.d_in != run.sae.d_in:

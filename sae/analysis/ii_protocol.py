@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae.checks import BadConfigError
 from sae.analysis.directions import FAMILIES, Directions, fit_family
 from sae.analysis.interpretability import build_distance, pairwise_distances, unit_interpretability
 from sae.model import WeightsUnavailableError
@@ -41,7 +42,7 @@ def split_fit_score(n: int, fit_fraction: float, seed: int) -> tuple[Tensor, Ten
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_fit = int(round(n * fit_fraction))
     if not 1 <= n_fit < n:
-        raise ValueError(f"eval.interpretability.fit_fraction={fit_fraction} leaves no stimuli to fit on or to "
+        raise BadConfigError(f"eval.interpretability.fit_fraction={fit_fraction} leaves no stimuli to fit on or to "
                          f"score among {n}; use a value in (0, 1).")
     return perm[:n_fit].sort().values, perm[n_fit:].sort().values
 
@@ -52,7 +53,7 @@ def fit_families(x: Tensor, names: list[str], cfg: Any, sample: int | None = Non
     cfg: kmeans_k, components (PCA/ICA/NMF) and random_k (null: d), kmeans_init, kmeans_iters, iters, seed."""
     unknown = sorted(set(names) - set(FAMILIES))
     if unknown:
-        raise ValueError(f"eval.interpretability.families has unknown {unknown}; choose from {list(FAMILIES)}.")
+        raise BadConfigError(f"eval.interpretability.families has unknown {unknown}; choose from {list(FAMILIES)}.")
     seed, d = int(cfg.get("seed", 0)), x.shape[1]
     if sample and x.shape[0] > int(sample):
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[: int(sample)]]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae.checks import BadConfigError
 from sae.analysis import curves, examples
 from sae.analysis.interpretability import build_distance, interpretability_index, interpretability_index_from_distances
 from sae.analysis.sections import HeldOut, Section, save_figure, scan, to_rows
@@ -112,13 +113,13 @@ def interpretability_section(held: HeldOut, scans: dict[str, examples.Activation
 
     position, inputs = str(cfg.get("position", "centre")), str(cfg.inputs)
     if position not in ("centre", "max") or inputs not in ("crops", "images"):
-        raise ValueError(f"eval.interpretability: position={position!r} inputs={inputs!r}; use position centre|max "
+        raise BadConfigError(f"eval.interpretability: position={position!r} inputs={inputs!r}; use position centre|max "
                          "and inputs crops|images.")
     fit, score = ii_protocol.split_fit_score(held.images.shape[0], float(cfg.get("fit_fraction", 0.5)), int(cfg.seed))
     families = ii_protocol.fit_families(to_rows(held.acts[fit]), list(cfg.get("families", ["kmeans", "random"])), cfg,
                                         sample=cfg.get("fit_sample"))
     if len(score) < int(cfg.k):
-        raise ValueError(f"eval.interpretability scores {len(score)} images (the held-out images not in the fitting "
+        raise BadConfigError(f"eval.interpretability scores {len(score)} images (the held-out images not in the fitting "
                          f"split, fit_fraction={cfg.get('fit_fraction', 0.5)}), fewer than k={cfg.k}: evaluate on more "
                          "images (data.val_images, eval.max_images) or lower eval.interpretability.k.")
     scored = HeldOut(held.images[score], held.acts[score], held.layer)

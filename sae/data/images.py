@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from sae.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"})
@@ -32,7 +34,7 @@ SAMPLE_PHOTOS = (
 )
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(UserError, ValueError):
     """An image source that cannot produce a single image (missing, empty or all corrupt)."""
 
 

@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from sae.data.stream import derive_seed
+from sae.errors import UserError
 from sae.safeload import load_error_text, np_load, torch_load
 
 VECTOR_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
 
-class VectorFileError(ValueError):
+class VectorFileError(UserError, ValueError):
     """A vectors file that is missing, of the wrong shape, or holds non-finite values."""
 
 

@@ -21,6 +21,8 @@ import difflib
 from dataclasses import dataclass
 from functools import cache
 
+from sae.errors import UserError
+
 INPUT = "input"  # the preprocessed image, (B, 3, H, W)
 
 # (left, right, top, bottom), F.pad's order for the last two dimensions.
@@ -144,7 +146,7 @@ LAYERS: tuple[str, ...] = tuple(s.name for s in STEPS if s.op in ("conv", "relu"
 BLOCK_LAYERS: tuple[str, ...] = ("conv2d0", "conv2d1", "conv2d2", *MIXED_BRANCH_CHANNELS)
 
 
-class UnknownLayerError(ValueError):
+class UnknownLayerError(UserError, ValueError):
     """A layer name that is not one of ``LAYERS``."""
 
 

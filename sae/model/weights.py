@@ -31,6 +31,7 @@ import torch
 from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1, model_urls
 from torch import Tensor, nn
 
+from sae.errors import UserError
 from sae.safeload import load_error_text, torch_load
 
 log = logging.getLogger("sae.model")
@@ -47,11 +48,11 @@ EXPECTED_FORMAT = (
 )
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Lucid's pretrained weights are neither cached nor downloadable."""
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file is missing, unreadable, or not an InceptionV1 state dict."""
 
 

@@ -34,10 +34,12 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sae.errors import UserError
+
 from .init import geometric_median, tied_init_
 
 
-class SAEConfigError(ValueError):
+class SAEConfigError(UserError, ValueError):
     """A bad SAE hyperparameter or export file. The message names the value and the fix; callers
     (train.py, evaluate.py) print it as one line, and it is still a ValueError for everyone else."""
 

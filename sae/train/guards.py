@@ -16,24 +16,27 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sae.errors import EXIT_NON_FINITE, UserError
 from sae.nn.io import atomic_save_torch
 from sae.safeload import load_error_text, refused_by_safe_load, torch_load
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated or corrupt."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """A checkpoint whose SAE does not match the configured one (layer, d_in, d_sae, architecture)."""
 
 
-class DataStatisticsError(ValueError):
+class DataStatisticsError(UserError, ValueError):
     """Input vectors that cannot be trained on: all zero, non-finite, or of a magnitude float32 cannot scale."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+    exit_code = EXIT_NON_FINITE
 
 
 def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:

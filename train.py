@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.preemption import PreemptionCheckpoint
+from sae.console import configure as configure_console
 from sae.hostmem import reuse_freed_host_memory
 from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
 from sae.nn.io import atomic_write_bytes
@@ -65,17 +66,19 @@ def check_resume(path: Path, module: L.LightningModule, datamodule: L.LightningD
 
 
 def train(cfg: DictConfig) -> float | None:
+    configure_console(bool(cfg.get("verbose", False)))
     out_dir = check_writable(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("reuse_host_memory", True):
         reuse_freed_host_memory()  # before the data module: its worker processes inherit the setting
-    if random_weights(cfg):
-        log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
     datamodule = hydra.utils.instantiate(cfg.data)
     config = run_config(cfg)
     metadata = {"layer": cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
+    module._log_hyperparams = False  # the logger gets the resolved config once, below, not a second flat copy
+    if isinstance(config.get("sae"), dict) and hasattr(getattr(module, "sae", None), "d_sae"):
+        config["sae"]["d_sae"] = int(module.sae.d_sae)  # filled in from sae.expansion
     if ckpt_path is not None:
         check_resume(ckpt_path, module, datamodule)
     atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
@@ -95,6 +98,8 @@ def train(cfg: DictConfig) -> float | None:
             log.warning("stopped by SIGTERM at step %d; continue with ckpt_path=last hydra.run.dir=%s",
                         trainer.global_step, out_dir)
             raise Preempted()
+        if not trainer.fast_dev_run and cfg.optimized_metric not in trainer.callback_metrics:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # a sweep always gets its metric
         # The final state, whatever the checkpoint interval: continue it later with a larger trainer.max_steps.
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")  # every rank calls it; rank zero writes

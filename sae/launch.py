@@ -81,6 +81,7 @@ class FallbackWandbLogger(WandbLogger):
 
             kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
         super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)  # deprecated in W&B: passing it at all prints a warning
         self.failure: str | None = None
         self._fallback: CSVLogger | None = None
 
@@ -188,11 +189,14 @@ def build_logger(cfg: DictConfig) -> Any:
             tags.append(RANDOM_WEIGHTS_TAG)
         overrides["tags"] = sorted(set(tags))
         if (sweep := sweep_job()) is not None:
-            # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise).
-            # (The job's overrides are in the run's config; the name only needs to be unique and short.)
+            # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise),
+            # each named by its swept values (e.g. mixed3b-relu sae.l1_coefficient=3), or its number if none.
             sweep_dir, job_num = sweep
+            from hydra.core.hydra_config import HydraConfig
+
+            swept = HydraConfig.get().job.override_dirname
             overrides["group"] = cfg.logger.get("group") or f"sweep:{sweep_dir}"[-128:]
-            overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name}#{job_num}"
+            overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name} {swept or f'#{job_num}'}"[:128]
         mode = os.environ.get("WANDB_MODE", "").lower()
         if mode in ("offline", "dryrun") or (not mode and not cfg.logger.get("offline") and not wandb_has_credentials()):
             overrides["offline"] = True
@@ -208,7 +212,10 @@ def build_logger(cfg: DictConfig) -> Any:
 def build_callbacks(cfg: DictConfig) -> list:
     """Instantiate every entry of the `callbacks` group that has a `_target_`."""
     entries: Iterable = (cfg.get("callbacks") or {}).values()
-    return [hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    callbacks = [c for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    if not cfg.get("logger"):  # Lightning refuses a LearningRateMonitor without a logger (logger=none, debug=fast)
+        callbacks = [c for c in callbacks if not str(c._target_).endswith("LearningRateMonitor")]
+    return [hydra.utils.instantiate(c) for c in callbacks]
 
 
 def run_config(cfg: DictConfig) -> dict:

@@ -260,17 +260,16 @@ def _flatten(values: Mapping[str, Any], prefix: str, into: dict[str, Any], notes
             into[name] = value
 
 
-def _provenance(metrics: Mapping[str, Any]) -> str:
+def _provenance(metrics: Mapping[str, Any], record: Mapping[str, Any]) -> str:
     run = metrics.get("run", {})
-    what = metrics.get("evaluated", {})
     parts = [("run", run.get("source")), ("step", run.get("global_step")), ("InceptionV1 weights", run.get("model_weights")),
              ("images", f"{run.get('held_out_images')} held-out, {run.get('image_size')} px"),
-             ("from", what.get("images", {}).get("source")), ("evaluated", what.get("time"))]
+             ("from", record.get("images", {}).get("source")), ("evaluated", record.get("time"))]
     return " · ".join(f"{k} <b>{html.escape(str(v))}</b>" for k, v in parts if v is not None)
 
 
 def render_index(kind: str, title: str, metrics: Mapping[str, Any], figures: list[str], warnings: list[str],
-                 data_file: str) -> str:
+                 data_file: str, record: Mapping[str, Any]) -> str:
     tables, notes = summary_tables(metrics)
     other = ("neurons", "neurons.html") if kind == "features" else ("features", "index.html")
     links = [other, ("metrics.json", "metrics.json"), ("evaluation.json", "evaluation.json")]
@@ -289,7 +288,7 @@ def render_index(kind: str, title: str, metrics: Mapping[str, Any], figures: lis
 <body>
 <h1>{html.escape(title)}: {kind}</h1>
 <nav>{nav}</nav>
-<div class="provenance">{_provenance(metrics)}</div>
+<div class="provenance">{_provenance(metrics, record)}</div>
 {warn}
 <details class="summary" open><summary>Summary metrics and plots (click a plot for full size)</summary>
 <div class="tables">{blocks}</div>{note_html}<div class="figures">{figs}</div></details>
@@ -309,6 +308,7 @@ def write_pages(out: Path, title: str, metrics: Mapping[str, Any], sections: Map
                 browsed: Mapping[str, Browsed], warnings: list[str]) -> list[str]:
     """Write index.html + features.js, neurons.html + neurons.js and each unit's page; returns the index names."""
     figures = [name for name in FIGURES if (out / name).is_file()]
+    record = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").is_file() else {}
     written = []
     for kind, page, data_file in (("features", "index.html", "features.js"), ("neurons", "neurons.html", "neurons.js")):
         arrays = merge_units(sections, kind)
@@ -317,7 +317,7 @@ def write_pages(out: Path, title: str, metrics: Mapping[str, Any], sections: Map
         payload = {"columns": index_columns(kind, arrays), "rows": records, "sort": "density", "dir": "desc"}
         atomic_write_bytes(out / data_file, ("window.UNITS = " + json.dumps(payload, separators=(",", ":"))
                                               + ";\n").encode())
-        write_page(out / page, render_index(kind, title, metrics, figures, warnings, data_file))
+        write_page(out / page, render_index(kind, title, metrics, figures, warnings, data_file, record))
         written += [page, data_file]
         if browsed.get(kind) is not None:
             _write_unit_pages(out, kind, title, records, arrays, browsed[kind], warnings)
@@ -342,3 +342,28 @@ def _write_unit_pages(out: Path, kind: str, title: str, records: list[dict], arr
         write_page(out / prefix / page_name(kind, unit),
                    render_unit_page(kind, record, title, neighbours, prev_next, svgs, warnings))
         progress.update(i + 1)
+
+
+def wandb_feature_table(out: Path, max_rows: int = 256):
+    """The features of `out/features.js` as a wandb.Table a W&B workspace can sort and filter: id, density, II,
+    curve flags, and the visualization and top examples as images. Visualized features first, then others
+    spread over the density range, up to `max_rows` (each row's images are uploaded). None if no browser."""
+    path = out / "features.js"
+    if not path.is_file():
+        return None
+    import wandb
+
+    data = json.loads(path.read_text().split("=", 1)[1].rstrip().rstrip(";"))
+    rows = [r for r in data["rows"] if r.get("page")]
+    chosen = [r for r in rows if r.get("viz")]
+    rest = sorted((r for r in rows if not r.get("viz")), key=lambda r: r.get("density") or 0.0)
+    if rest and len(chosen) < max_rows:
+        picks = np.linspace(0, len(rest) - 1, min(len(rest), max_rows - len(chosen))).round().astype(int)
+        chosen += [rest[i] for i in sorted(set(picks.tolist()))]
+    numbers = [c["key"] for c in data["columns"] if c["type"] in ("number", "text") and c["key"] != "visualized"]
+    table = wandb.Table(columns=["feature", *numbers, "visualization", "examples"])
+    for r in chosen:
+        images = [wandb.Image(str(out / r[k])) if r.get(k) else None for k in ("viz", "top")]
+        table.add_data(r["id"], *[r.get(k) for k in numbers], *images)
+    return table
+

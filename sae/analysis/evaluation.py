@@ -134,6 +134,7 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
     scans: dict[str, examples.ActivationScan] = {}
 
     def timed(name: str, fn):
+        log.info("eval: %s ...", name)
         began = time.perf_counter()
         section = fn()
         timings[name] = time.perf_counter() - began

@@ -112,10 +112,11 @@
     const c = columns.find(c => c.key === state.sort);
     if (c) {
       const sign = state.dir === "desc" ? -1 : 1;
+      const type = c.type === "link" ? "number" : c.type;  // the id column sorts as a number
       shown.sort((a, b) => {
         const x = a[c.key], y = b[c.key];
-        const missing = c.type === "number" && (x === null || y === null || x === undefined || y === undefined);
-        return missing ? compare(x, y, c.type) : sign * compare(x, y, c.type) || a.id - b.id;
+        const missing = type === "number" && (x === null || y === null || x === undefined || y === undefined);
+        return missing ? compare(x, y, type) : sign * compare(x, y, type) || a.id - b.id;
       });
     }
     return shown;

@@ -15,14 +15,17 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 class StepProgress(TQDMProgressBar):
     """A TQDMProgressBar over optimizer steps (the trainer's global step) up to `trainer.max_steps`."""
 
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description("train", refresh=False)
+        return bar
+
     def on_train_epoch_start(self, trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
         bar = self.train_progress_bar
-        if trainer.max_steps and trainer.max_steps > 0:
-            bar.total = trainer.max_steps
+        bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
-        bar.set_description("train")
+        bar.set_description("train", refresh=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 # Lightning's informational lines (device lines, product tips) go through this logger at INFO.
@@ -24,3 +25,25 @@ def configure(verbose: bool = False) -> None:
     for message in (".*does not have many workers.*", ".*IterableDataset.*__len__.*", ".*log_every_n_steps.*",
                     ".*is deprecated.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", message=message)
+
+
+class Progress:
+    """One log line every `every` seconds, and at the end: done/total, elapsed time, and an ETA. For phases
+    that take minutes on a CPU (writing a cache, the browser's thousands of pages)."""
+
+    def __init__(self, what: str, total: int, every: float = 10.0, logger: logging.Logger | None = None,
+                 unit: str = ""):
+        self.what, self.total, self.every, self.unit = what, max(1, int(total)), every, unit
+        self.log = logger or logging.getLogger("sae")
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, first: int = 0) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        spent = now - self.start
+        rate = (done - first) / spent if spent > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        self.log.info("%s: %d/%d%s (%.0f%%), %.0f s, %.0f%s/s, about %.0f s left", self.what, done, self.total,
+                      self.unit, 100 * done / self.total, spent, rate, self.unit, eta)

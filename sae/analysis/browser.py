@@ -25,6 +25,7 @@ from sae.analysis import examples, units as unit_data
 from sae.analysis.report import _asset, format_number, write_page
 from sae.analysis.sections import Section, _write_png
 from sae.analysis.unit_pages import page_name, render_unit_page
+from sae.console import Progress
 from sae.nn.io import atomic_write_bytes
 
 log = logging.getLogger("sae.evaluate")
@@ -44,24 +45,6 @@ class Browsed:
     files: dict[int, dict[str, str]] = field(default_factory=dict)
     extras: dict[int, dict[str, Any]] = field(default_factory=dict)
     visualized: list[int] = field(default_factory=list)
-
-
-class Progress:
-    """One log line every `every` seconds: done/total, elapsed, ETA (for phases that take minutes on a CPU)."""
-
-    def __init__(self, what: str, total: int, every: float = 10.0):
-        self.what, self.total, self.every = what, max(1, total), every
-        self.start = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last = now
-        spent = now - self.start
-        eta = spent / max(done, 1) * (self.total - done)
-        log.info("%s: %d/%d (%.0f%%), %.0f s, about %.0f s left", self.what, done, self.total,
-                 100 * done / self.total, spent, eta)
 
 
 def pick_visualized(frequency: torch.Tensor, cfg: Any) -> list[int]:
@@ -126,7 +109,7 @@ def _unit_images(held, encode, scan, units: list[int], folder: Path, prefix: str
     started = time.perf_counter()
     details = unit_data.unit_details(held, encode, scan, units, k=k)
     log.info("browser: %s scanned for histograms and overlays in %.1f s", kind, time.perf_counter() - started)
-    progress = Progress(f"browser: {kind} pages' images", len(units))
+    progress = Progress(f"browser: {kind} pages' images", len(units), logger=log)
     size, small = int(cfg.crop_size), int(cfg.get("quantile_crop_size", 64))
     for start in range(0, len(units), CHUNK):
         rows = slice(start, start + CHUNK)
@@ -345,7 +328,7 @@ def _write_unit_pages(out: Path, kind: str, title: str, records: list[dict], arr
                       browsed: Browsed, warnings: list[str]) -> None:
     prefix = "features/" if kind == "features" else "neurons/"
     units = sorted(browsed.units)
-    progress = Progress(f"browser: {kind} pages", len(units))
+    progress = Progress(f"browser: {kind} pages", len(units), logger=log)
     for i, unit in enumerate(units):
         record = {k: (v[len(prefix):] if isinstance(v, str) and v.startswith(prefix) else v)
                   for k, v in records[unit].items() if k not in ("tuning", "page", "visualized")}

@@ -16,6 +16,7 @@ from sae.analysis.sections import Section
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 N_FEATURES, N_NEURONS = 120, 8
+VISUALIZED = [10, 50, 90]
 
 
 def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
@@ -53,7 +54,7 @@ def browser(tmp_path_factory) -> Path:
     }
     alive = [i for i in range(N_FEATURES) if density[i] > 0]
     browsed = {
-        "features": Browsed(alive, extras={u: {"nearest": [(u + 1) % N_FEATURES, (u + 2) % N_FEATURES],
+        "features": Browsed(alive, files={u: {"viz": f"f{u}_viz.png"} for u in VISUALIZED}, extras={u: {"nearest": [(u + 1) % N_FEATURES, (u + 2) % N_FEATURES],
                                                "loads": [3, 5]} for u in alive}),
         "neurons": Browsed(list(range(N_NEURONS)), extras={n: {"nearest": [n, n + 10]} for n in range(N_NEURONS)}),
     }
@@ -66,11 +67,13 @@ def browser(tmp_path_factory) -> Path:
     return out
 
 
-def test_index__shows_a_page_of_rows_sorted_by_density_by_default(browser: Path, tmp_path: Path):
+def test_index__opens_on_the_visualized_units_and_pages_the_rest(browser: Path, tmp_path: Path):
     dom = dump_dom(browser / "index.html", tmp_path)
-    ids = shown_ids(dom)
-    assert ids == list(range(N_FEATURES - 1, N_FEATURES - 51, -1)), "the 50 densest first, one page"
-    assert f"of {N_FEATURES} shown, page 1 of 3" in dom and "RANDOM weights" in dom
+    assert shown_ids(dom) == VISUALIZED[::-1], "first view: the units with a visualization, densest first"
+    assert f"3 of {N_FEATURES} shown" in dom and "RANDOM weights" in dom and 'src="features/f90_viz.png"' in dom
+    dom = dump_dom(browser / "index.html", tmp_path, "#sort=density:desc")
+    assert shown_ids(dom) == list(range(N_FEATURES - 1, N_FEATURES - 51, -1)), "the 50 densest, one page"
+    assert f"of {N_FEATURES} shown, page 1 of 3" in dom
 
 
 def test_index__searches_by_id_list_and_range(browser: Path, tmp_path: Path):

@@ -152,7 +152,7 @@ def _write_jpeg(image, path: Path) -> str:
     import io
 
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
+    image.save(buffer, format="JPEG", quality=80)
     path.write_bytes(buffer.getvalue())
     return path.name
 
@@ -315,6 +315,8 @@ def write_pages(out: Path, title: str, metrics: Mapping[str, Any], sections: Map
         n_units = len(next(iter(arrays.values()))) if arrays else 0
         records = unit_records(kind, arrays, browsed.get(kind), n_units)
         payload = {"columns": index_columns(kind, arrays), "rows": records, "sort": "density", "dir": "desc"}
+        if any(r["visualized"] == "yes" for r in records):  # first view: the visualized units, spread over density
+            payload["filters"] = {"visualized": "yes"}
         atomic_write_bytes(out / data_file, ("window.UNITS = " + json.dumps(payload, separators=(",", ":"))
                                               + ";\n").encode())
         write_page(out / page, render_index(kind, title, metrics, figures, warnings, data_file, record))

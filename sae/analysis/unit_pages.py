@@ -97,8 +97,8 @@ def render_unit_page(kind: str, record: Mapping[str, Any], title: str, neighbour
                   "Receptive-field crops around each image's strongest position, the activation under each; first "
                   "with the unit's activation at every position drawn over the pixels it covers, then plain.")
     quantiles = _figure("examples across the activation range", _image(record.get("quantiles"), "quantiles", "strip"),
-                        "Rows: images ranked by the unit's maximum, from the strongest quarter of the images where "
-                        "it fires to the weakest.")
+                        "Rows: the images where the unit fires, ranked by its maximum in each, from the strongest "
+                        "quarter to the weakest; four images evenly spaced in rank from each quarter.")
     plots = _figure("activation histogram", svgs.get("histogram", ""),
                     "Positive activations over every held-out position (log count).")
     plots += _figure("tuning curve to synthetic curves", svgs.get("tuning", ""),

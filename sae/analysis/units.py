@@ -115,7 +115,8 @@ def quantile_examples(scan: examples.ActivationScan, cols: Tensor, units: list[i
     image_index = order.gather(1, ranks)
     flat = scan.argmax[:, cols].T.gather(1, image_index)
     _, w = scan.grid
-    labels = [f"{int(edges[q] * 100)}-{int(edges[q + 1] * 100)}% of firing images" for q in range(quantiles)]
+    labels = [f"top {int(edges[1] * 100)}%" if q == 0 else f"{int(edges[q] * 100)}-{int(edges[q + 1] * 100)}%"
+              for q in range(quantiles)]  # rank ranges among the images where the unit fires, strongest first
     return examples.TopExamples(units, values.gather(1, ranks), image_index, flat // w, flat % w), labels
 
 

@@ -204,6 +204,10 @@
   box.addEventListener("click", () => box.classList.remove("open"));
   document.addEventListener("keydown", e => { if (e.key === "Escape") box.classList.remove("open"); });
 
-  readHash();
+  if (location.hash.length > 1) readHash();
+  else {  // no view in the URL: the page's default (e.g. only the units with a feature visualization)
+    Object.assign(state.filters, data.filters || {});
+    inputs.forEach(input => { input.value = state.filters[input.dataset.key] || ""; });
+  }
   render();
 })();

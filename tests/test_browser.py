@@ -101,3 +101,23 @@ def test_unit_page__links_its_neighbours_and_neurons_and_back(browser: Path, tmp
     assert 'href="../features/f12.html"' in neuron and "neuron 2" in neuron
     index = dump_dom(browser / "neurons.html", tmp_path)
     assert shown_ids(index) == list(range(N_NEURONS)) or sorted(shown_ids(index)) == list(range(N_NEURONS))
+
+
+def test_archive_previous__moves_an_earlier_evaluation_aside_instead_of_replacing_it(tmp_path: Path):
+    import json
+
+    from sae.analysis.provenance import archive_previous
+
+    out = tmp_path / "eval"
+    assert archive_previous(out) is None, "nothing to keep yet"
+    (out / "features").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (out / "features" / "f1.html").write_text("old")
+    (out / "evaluation.json").write_text(json.dumps({"time": "2026-11-30T10:00:00"}))
+    kept = archive_previous(out)
+    assert kept == out / "previous" / "2026-11-30T10-00-00"
+    assert (kept / "features" / "f1.html").read_text() == "old" and (kept / "metrics.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["previous"]
+    (out / "metrics.json").write_text("{}")
+    (out / "evaluation.json").write_text(json.dumps({"time": "2026-11-30T10:00:00"}))  # same second: both kept
+    assert archive_previous(out).name == "2026-11-30T10-00-00+"

@@ -9,7 +9,9 @@ import time
 import warnings
 
 # Lightning's informational lines (device lines, product tips) go through this logger at INFO.
-LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                  "lightning.pytorch.trainer.connectors.checkpoint_connector",  # "weights_only was not set" on save
+                  "lightning.fabric.utilities.seed")  # "Seed set to 0": the seed is in the run config
 
 
 def configure(verbose: bool = False) -> None:

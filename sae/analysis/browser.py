@@ -129,7 +129,7 @@ def _unit_images(held, encode, scan, units: list[int], folder: Path, prefix: str
                                   folder / f"{name}_top.jpg"),
                 "crops": _write_jpeg(examples.image_grid(tiles[i:i + 1]), folder / f"{name}_crops.jpg"),
                 "quantiles": _write_jpeg(examples.image_grid(
-                    qtiles[i].reshape(-1, per, *qtiles.shape[2:]), [q.split(" ")[0] for q in details.quantile_labels],
+                    qtiles[i].reshape(-1, per, *qtiles.shape[2:]), list(details.quantile_labels),
                     [qcaptions[i][q * per:(q + 1) * per] for q in range(len(details.quantile_labels))]),
                     folder / f"{name}_quantiles.jpg"),
             }

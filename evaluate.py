@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
+from sae.analysis.provenance import archive_previous, describe_images, write_record
 from sae.analysis.responses_eval import evaluate_responses, is_responses_run
 from sae.checks import BadConfigError, build_from_config
 from sae.launch import check_writable, wandb_has_credentials
@@ -57,15 +58,13 @@ def build_extractor_and_images(cfg: DictConfig, run: LoadedRun):
     root = OmegaConf.create({"model": model, "seed": train.get("seed", cfg.seed), "data": data})
     if run.meta.get("model_weights") == "random" and model.get("pretrained", True) and not model.get("weights"):
         log.warning("the SAE was trained on RANDOM InceptionV1 weights but is evaluated on pretrained ones.")
-    if not model.get("pretrained", True) and not model.get("weights"):
-        log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
     datamodule = build_from_config(OmegaConf.to_container(root.data, resolve=True), "data")  # allow-listed classes only
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = datamodule.extractor.to(device)
     images = datamodule.held_out_images()
     if cfg.eval.max_images:
         images = images[: int(cfg.eval.max_images)]
-    return extractor, images
+    return extractor, images, describe_images(datamodule, int(images.shape[0]))
 
 
 def check_layer_of(run: LoadedRun) -> None:
@@ -113,6 +112,10 @@ def log_to_wandb(cfg: DictConfig, run: LoadedRun, out: Path, metrics: dict, file
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     flat[f"eval/{section}/{key}"] = value
         flat.update({f"eval/{name}": wandb.Image(str(out / name)) for name in files if name.endswith(".png")})
+        from sae.analysis.browser import wandb_feature_table
+
+        if (table := wandb_feature_table(out)) is not None:
+            flat["eval/features_table"] = table
         wb.log(flat)
         wb.summary.update({k: v for k, v in flat.items() if not hasattr(v, "image")})
     except Exception as e:  # the files are written; a W&B failure must not lose the evaluation
@@ -127,10 +130,13 @@ def evaluate_one(cfg: DictConfig, run_dir: Path | None = None, ckpt: str | None 
     out = check_writable(cfg.eval.out or (run.directory or Path(str(ckpt)).parent) / "eval")
     torch.manual_seed(int(cfg.seed))
     if is_responses_run(run.train_config, cfg.get("data")):  # recorded responses: no InceptionV1
+        archive_previous(out)  # an earlier evaluation is kept in eval/previous/, never replaced
         metrics = evaluate_responses(run, out, cfg.eval, cfg.get("data"))
         log.info("wrote %s; open %s", out / "metrics.json", out / "index.html")
         return metrics
-    extractor, images = build_extractor_and_images(cfg, run)
+    extractor, images, described = build_extractor_and_images(cfg, run)
+    archive_previous(out)  # an earlier evaluation is kept in eval/previous/, never replaced
+    write_record(out, run, described, cfg.eval)
     log.info("evaluating %s (%s, %d held-out images) into %s", run.source, run.layer, images.shape[0], out)
     result = evaluate_run(run, extractor, images, out, cfg.eval)
     log.info("wrote %s; open %s", out / "metrics.json", out / "index.html")
@@ -166,6 +172,9 @@ register_configs()  # the generated groups (layer=...) before Hydra composes
 def main(cfg: DictConfig) -> float | None:
     from sae.errors import user_error
 
+    from sae.console import configure
+
+    configure(bool(cfg.get("verbose", False)))
     try:
         return main_body(cfg)
     except Exception as e:

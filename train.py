@@ -22,10 +22,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.preemption import PreemptionCheckpoint, last_checkpoint_path
+from sae.console import configure as configure_console
 from sae.hostmem import reuse_freed_host_memory
 from sae.launch import (
-    OutputDirError, build_callbacks, build_logger, check_numbers, check_writable, close_logger, random_weights,
-    run_config,
+    OutputDirError, build_callbacks, build_logger, check_numbers, check_writable, close_logger, run_config,
 )
 from sae.nn.io import atomic_write_bytes
 from sae.run.configs import register_configs
@@ -70,6 +70,7 @@ def check_resume(path: Path, module: L.LightningModule, datamodule: L.LightningD
 
 
 def train(cfg: DictConfig) -> float | None:
+    configure_console(bool(cfg.get("verbose", False)))
     check_numbers(cfg)
     out_dir = check_writable(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out_dir)
@@ -85,12 +86,12 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("reuse_host_memory", True):
         reuse_freed_host_memory()  # before the data module: its worker processes inherit the setting
-    if random_weights(cfg):
-        log.warning("model.pretrained=false: InceptionV1 has RANDOM weights; its features mean nothing.")
     datamodule = hydra.utils.instantiate(cfg.data)
     config = run_config(cfg)
     metadata = {"layer": getattr(datamodule, "layer", None) or cfg.layer.name, "model_weights": config["model_weights"], "data": cfg.data._target_}
     module = hydra.utils.instantiate(cfg.sae, d_in=datamodule.d_in, metadata=metadata)
+    if isinstance(config.get("sae"), dict) and hasattr(getattr(module, "sae", None), "d_sae"):
+        config["sae"]["d_sae"] = int(module.sae.d_sae)  # filled in from sae.expansion
     resumed_step = None if ckpt_path is None else check_resume(ckpt_path, module, datamodule)
     module.resuming = resumed_step is not None  # keep the saved input scale and b_dec: no init sample is drawn
     if resumed_step is None or not (out_dir / "config_resolved.yaml").is_file():
@@ -116,6 +117,8 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
             log.warning("stopped by %s at step %d; continue with ckpt_path=last hydra.run.dir=%s",
                         preemption.signal_name or "SIGTERM", trainer.global_step, out_dir)
             raise Preempted(preemption.signal_name or "SIGTERM")
+        if not trainer.fast_dev_run and cfg.optimized_metric not in trainer.callback_metrics:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # a sweep always gets its metric
         # The final state, whatever the checkpoint interval: continue it later with a larger trainer.max_steps.
         if not trainer.fast_dev_run:
             # every rank calls it; rank zero writes. False: the whole training state (optimizer, loops)

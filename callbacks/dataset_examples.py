@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import lightning as L
 
-from callbacks.held_out import Selection, feature_scan, frequency_label, has_images, neuron_scan
-from callbacks.media import log_images, run_dir, save_png, step_name
+from callbacks.held_out import Selection, visual_callbacks, feature_scan, frequency_label, has_images, neuron_scan
+from callbacks.media import add_to_feature_table, log_images, run_dir, save_png, step_name
 from callbacks.periodic import PeriodicCallback
 from sae.analysis.examples import ActivationScan, crops, image_grid, tile_captions
 
@@ -32,12 +32,19 @@ class DatasetExamples(PeriodicCallback):
     key = "features/dataset_examples"
 
     def __init__(self, every_n_steps: int | None = None, at_end: bool | None = None,
-                 features: str | Sequence[int] = "frequent", n_features: int = 8, neurons: int | Sequence[int] = 4,
+                 features: str | Sequence[int] = "spread", n_features: int = 8, neurons: int | Sequence[int] = 4,
                  k: int = 9, crop_size: int = 64, seed: int = 0, max_overhead: float | None = 0.05) -> None:
         super().__init__(every_n_steps, at_end, max_overhead)
         self.selection = Selection(features, n_features, neurons, seed)
         self.k, self.crop_size = int(k), int(crop_size)
         self._neuron_grid = None  # the network is frozen: neurons' examples never change
+        self._neurons_logged = False
+        self._table_column: tuple | None = None  # (density, examples per feature) of the last grid
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero and not self.disabled:
+            add_to_feature_table(trainer, self, "examples", *(self._table_column or ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -52,6 +59,11 @@ class DatasetExamples(PeriodicCallback):
             return
         sae_grid = self._grid(images, layer, scan, features, "feature",
                               f"SAE features, step {step}: top {self.k} held-out crops")
+        top = scan.top(features, self.k)
+        tiles = crops(images, layer, top, self.crop_size)
+        self._table_column = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+                              {f: image_grid(tiles[j:j + 1], tile_captions=tile_captions(top)[j:j + 1])
+                               for j, f in enumerate(features)})
         neurons = self.selection.pick_neurons(datamodule.d_in)
         if self._neuron_grid is None:
             self._neuron_grid = self._grid(images, layer, neuron_scan(trainer, neurons), neurons, "neuron",
@@ -59,8 +71,11 @@ class DatasetExamples(PeriodicCallback):
         directory = run_dir(trainer) / "features" / "dataset_examples"
         save_png(sae_grid, directory / step_name("sae", step))
         save_png(self._neuron_grid, directory / step_name("neurons", step))
-        log_images(trainer, self.key, [sae_grid, self._neuron_grid],
-                   [f"SAE features {features} (step {step})", f"neurons {neurons}"], step)
+        # Each grid under its own key: W&B draws the images of one key at one size.
+        log_images(trainer, f"{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+        if not self._neurons_logged:
+            log_images(trainer, f"{self.key}/neurons", [self._neuron_grid], [f"neurons {neurons}"], step)
+            self._neurons_logged = True
 
     def _grid(self, images, layer: str, scan: ActivationScan, units: list[int], kind: str, title: str):
         top = scan.top(units, self.k)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
-from callbacks.held_out import Selection, feature_scan, frequency_label, has_images
-from callbacks.media import log_images, run_dir, save_png, step_name
+from callbacks.held_out import Selection, visual_callbacks, feature_scan, frequency_label, has_images
+from callbacks.media import add_to_feature_table, log_images, run_dir, save_png, step_name
 from callbacks.periodic import PeriodicCallback
 from sae.analysis.examples import image_grid
 from sae.analysis.featureviz import feature_directions, neuron_directions, render_directions
@@ -37,7 +37,7 @@ class FeatureVisualization(PeriodicCallback):
     key = "features/visualizations"
 
     def __init__(self, every_n_steps: int | None = None, at_end: bool | None = None,
-                 features: str | Sequence[int] = "frequent", n_features: int = 8, neurons: int | Sequence[int] = 4,
+                 features: str | Sequence[int] = "spread", n_features: int = 8, neurons: int | Sequence[int] = 4,
                  steps: int | None = None, image_size: int = 128, position: str = "center", lr: float = 0.05,
                  seed: int = 0, max_overhead: float | None = 0.05) -> None:
         super().__init__(every_n_steps, at_end, max_overhead)
@@ -47,12 +47,19 @@ class FeatureVisualization(PeriodicCallback):
         self.steps = None if steps is None else int(steps)
         self.image_size, self.position, self.lr, self.seed = int(image_size), position, float(lr), int(seed)
         self._neuron_grid = None
+        self._neurons_logged = False
+        self._table_column: tuple | None = None  # (density, image per feature) of the last rendering
 
     def render(self, extractor, directions: torch.Tensor) -> torch.Tensor:
         device = next(extractor.parameters()).device
         steps = self.steps or (GPU_STEPS if device.type == "cuda" else CPU_STEPS)
         return render_directions(extractor, directions, steps=steps, image_size=self.image_size,
-                                 position=self.position, seed=self.seed, lr=self.lr)
+                                 position=self.position, seed=self.seed, lr=self.lr, progress=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero and not self.disabled:
+            add_to_feature_table(trainer, self, "visualization", *(self._table_column or ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -67,6 +74,8 @@ class FeatureVisualization(PeriodicCallback):
             return
         images = self.render(extractor, feature_directions(pl_module.sae, features))
         captions = [[f"feature {i}\n{frequency_label(scan, i)}" for i in features]]
+        self._table_column = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+                              {i: image_grid(images[j][None, None]) for j, i in enumerate(features)})
         sae_grid = image_grid(images[None], tile_captions=captions,
                               title=f"SAE features of {extractor.layer}, step {step} ({self.position})")
         neurons = self.selection.pick_neurons(datamodule.d_in)
@@ -77,5 +86,8 @@ class FeatureVisualization(PeriodicCallback):
         directory = run_dir(trainer) / "features" / "visualizations"
         save_png(sae_grid, directory / step_name("sae", step))
         save_png(self._neuron_grid, directory / step_name("neurons", step))
-        log_images(trainer, self.key, [sae_grid, self._neuron_grid],
-                   [f"SAE features {features} (step {step})", f"neurons {neurons}"], step)
+        # Each grid under its own key: W&B draws the images of one key at one size.
+        log_images(trainer, f"{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+        if not self._neurons_logged:
+            log_images(trainer, f"{self.key}/neurons", [self._neuron_grid], [f"neurons {neurons}"], step)
+            self._neurons_logged = True

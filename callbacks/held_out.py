@@ -47,18 +47,23 @@ def neuron_scan(trainer: L.Trainer, neurons: list[int]) -> ActivationScan:
 class Selection:
     """Which SAE features and neurons to show: the callbacks' shared `features`/`neurons` arguments.
 
-    features: "frequent" (most frequent on the held-out images), "random" (random alive ones, seeded) or a
+    features: "spread" (alive ones spread evenly over log density), "frequent" (most frequent on the held-out
+    images), "random" (random alive ones, seeded) or a
     list of indices; n_features: how many; neurons: a number of random neurons (seeded) or a list.
     """
 
-    def __init__(self, features="frequent", n_features: int = 8, neurons=4, seed: int = 0) -> None:
-        if isinstance(features, str) and features not in ("frequent", "random"):
-            raise ValueError(f"features={features!r} is unknown: use 'frequent', 'random' or a list of indices")
+    def __init__(self, features="spread", n_features: int = 8, neurons=4, seed: int = 0) -> None:
+        if isinstance(features, str) and features not in ("spread", "frequent", "random"):
+            raise ValueError(f"features={features!r} is unknown: use 'spread', 'frequent', 'random' or a list of indices")
         self.features = features if isinstance(features, str) else [int(i) for i in features]
         self.n_features, self.seed = int(n_features), int(seed)
         self.neurons = neurons if isinstance(neurons, int) else [int(i) for i in neurons]
 
     def pick_features(self, scan: ActivationScan) -> list[int]:
+        if self.features == "spread":
+            from sae.analysis.units import select_spread
+
+            return select_spread(scan.frequency, self.n_features)
         return select_features(scan.frequency, self.features, self.n_features, self.seed)
 
     def pick_neurons(self, d_in: int) -> list[int]:
@@ -69,3 +74,11 @@ def frequency_label(scan: ActivationScan, unit: int) -> str:
     """e.g. 'freq 3.1e-03' for a scanned unit."""
     column = scan.units.index(unit)
     return f"freq {float(scan.frequency[column]):.1e}"
+
+
+def visual_callbacks(trainer: L.Trainer) -> list:
+    """The picture-making callbacks that will run at the end of training (they share the W&B feature table)."""
+    from callbacks.periodic import PeriodicCallback
+
+    return [c for c in trainer.callbacks if isinstance(c, PeriodicCallback) and getattr(c, "_table_column", 0) != 0
+            and c.at_end and not c.disabled]

@@ -55,7 +55,8 @@ def has_wandb(trainer: L.Trainer) -> bool:
 
 
 def log_images(trainer: L.Trainer, key: str, images: list, captions: list[str], step: int) -> None:
-    """Log PIL images under `key` (one captioned W&B media panel; TensorBoard: key/0, key/1, ...)."""
+    """Log PIL images under `key` (one captioned W&B media panel; TensorBoard: key/0, key/1, ...). W&B shows
+    the images of one key at one size: give images of different sizes keys of their own."""
     for logger in trainer.loggers:
         kind = _kind(logger)
         if kind == "wandb":
@@ -79,3 +80,33 @@ def log_histogram(trainer: L.Trainer, key: str, values: Tensor, step: int) -> bo
             logger.experiment.add_histogram(key, values.detach().cpu(), step)
             taken = True
     return taken
+
+
+# -- the W&B feature table: each visual callback adds its final pictures; the last one to finish logs it ----
+_table: dict[int, dict] = {}
+
+
+def add_to_feature_table(trainer: L.Trainer, contributor, column: str, density: dict[int, float],
+                         images: dict[int, object], expected: list) -> None:
+    """Add `column` (PIL images per feature) from `contributor` to the run's W&B feature table; when every
+    callback in `expected` has added its column, log the table as `features/table` (a wandb.Table that a
+    W&B workspace sorts and filters: feature, density, then one image column per callback)."""
+    if not has_wandb(trainer):
+        return
+    table = _table.setdefault(id(trainer), {"density": {}, "columns": {}, "done": set()})
+    table["density"].update(density)
+    table["columns"][column] = images
+    table["done"].add(id(contributor))
+    if not {id(c) for c in expected} <= table["done"]:
+        return
+    import wandb
+
+    _table.pop(id(trainer), None)
+    columns = list(table["columns"])
+    features = sorted({f for images in table["columns"].values() for f in images})
+    rows = [[f, float(table["density"].get(f, float("nan"))),
+             *[wandb.Image(table["columns"][c][f]) if f in table["columns"][c] else None for c in columns]]
+            for f in features]
+    for logger in trainer.loggers:
+        if _kind(logger) == "wandb":
+            logger.log_table("features/table", columns=["feature", "density", *columns], data=rows)

@@ -18,6 +18,7 @@ class Throughput(L.Callback):
     def __init__(self) -> None:
         self._t0: float | None = None
         self._vectors = 0
+        self._shown = False  # the bar has a rate: until then, every step offers one
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:  # the first batch is excluded: it includes worker start-up and the first window
@@ -26,18 +27,25 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._vectors += batch.shape[0] * trainer.world_size
-        if (trainer.global_step % max(1, trainer.log_every_n_steps)) != 0:
+        logging_step = trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+        if not logging_step and self._shown:
             return
         if batch.is_cuda:
             torch.cuda.synchronize(batch.device)
         elapsed = time.perf_counter() - self._t0
-        if elapsed <= 0:
+        if elapsed <= 0 or not self._vectors:
             return
         rate = self._vectors / elapsed
-        metrics = {"train/vectors_per_second": rate}
         per_image = getattr(trainer.datamodule, "vectors_per_image", None)
+        # The bar shows the rate from the second step on (the first is only start-up), then per logging interval.
+        pl_module.log("vec/s", rate, on_step=True, prog_bar=True, logger=False)
+        if per_image:
+            pl_module.log("img/s", rate / per_image, on_step=True, prog_bar=True, logger=False)
+        self._shown = True
+        if not logging_step:
+            return
+        metrics = {"train/vectors_per_second": rate}
         if per_image:
             metrics["train/images_per_second"] = rate / per_image
         pl_module.log_dict(metrics, on_step=True, prog_bar=False)
-        pl_module.log("vec/s", rate, on_step=True, prog_bar=True, logger=False)
         self._t0, self._vectors = time.perf_counter(), 0

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -134,17 +133,17 @@ def write_cache(datamodule, out: str | Path, target_vectors: int, shard_vectors:
         return writer
     datamodule.load_state_dict({"batches": writer.written // batch, "seed": datamodule.seed})
     done = first = writer.written
-    start = time.perf_counter()
     log.info("writing %d vectors of width %d to %s (resuming at %d)", target_vectors, datamodule.d_in, out, done)
+    from sae.console import Progress
+
+    progress = Progress("cache", target_vectors, logger=log, unit=" vectors")
     for vectors in datamodule.train_dataloader():
         vectors = vectors[: target_vectors - done]
         writer.add(vectors)
         done += len(vectors)
         if done >= target_vectors:
             break
-        if done % shard_vectors == 0:
-            rate = (done - first) / (time.perf_counter() - start)
-            log.info("%d / %d vectors (%.0f vectors/s)", done, target_vectors, rate)
+        progress.update(done, first)  # every 10 s: vectors written, rate, ETA
     writer.finish()
     log.info("wrote %d vectors in %d shards to %s", writer.written, len(writer.manifest["shards"]), out)
     return writer

@@ -119,6 +119,7 @@ class FallbackWandbLogger(WandbLogger):
 
             kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
         super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)  # deprecated in W&B: passing it at all prints a warning
         self.failure: str | None = None
         self._fallback: CSVLogger | None = None
 
@@ -226,11 +227,14 @@ def build_logger(cfg: DictConfig, resumed_step: int | None = None) -> Any:
             tags.append(RANDOM_WEIGHTS_TAG)
         overrides["tags"] = sorted(set(tags))
         if (sweep := sweep_job()) is not None:
-            # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise).
-            # (The job's overrides are in the run's config; the name only needs to be unique and short.)
+            # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise),
+            # each named by its swept values (e.g. mixed3b-relu sae.l1_coefficient=3), or its number if none.
             sweep_dir, job_num = sweep
+            from hydra.core.hydra_config import HydraConfig
+
+            swept = HydraConfig.get().job.override_dirname
             overrides["group"] = cfg.logger.get("group") or f"sweep:{sweep_dir}"[-128:]
-            overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name}#{job_num}"
+            overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name} {swept or f'#{job_num}'}"[:128]
         # One W&B run per run directory: a resumed run continues it (its id is kept in the directory).
         overrides["id"] = wandb_run_id(Path(cfg.paths.output_dir))
         overrides["resume"] = "allow"
@@ -270,13 +274,11 @@ def wandb_run_id(run_dir: Path) -> str:
 def build_callbacks(cfg: DictConfig) -> list:
     """Instantiate every entry of the `callbacks` group that has a `_target_`. Without a logger (logger=none)
     the LR monitor, which only writes to a logger, is left out (Lightning refuses it there)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
     entries: Iterable = (cfg.get("callbacks") or {}).values()
-    callbacks = [hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c]
-    if not cfg.get("logger"):
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return callbacks
+    callbacks = [c for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    if not cfg.get("logger"):  # Lightning refuses a LearningRateMonitor without a logger (logger=none, debug=fast)
+        callbacks = [c for c in callbacks if not str(c._target_).endswith("LearningRateMonitor")]
+    return [hydra.utils.instantiate(c) for c in callbacks]
 
 
 class ResumableCSVLogger(CSVLogger):

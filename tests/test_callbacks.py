@@ -6,6 +6,7 @@ Training runs are in-process and tiny: conv2d0 (random weights) on 32-pixel crop
 from __future__ import annotations
 
 import logging
+import json
 import re
 import time
 from pathlib import Path
@@ -150,7 +151,8 @@ def _flushed_history(path, last_key: bytes, timeout: float = 60.0) -> bytes:
     return history
 
 
-def test_wandb_offline_run__holds_the_image_grids_and_histograms(extractor, image_folder, tmp_path):
+def test_wandb_offline_run__holds_the_image_grids_histograms_and_feature_table(extractor, image_folder, tmp_path,
+                                                                              capfd):
     import wandb
 
     from sae.launch import FallbackWandbLogger  # what logger=wandb builds
@@ -164,7 +166,14 @@ def test_wandb_offline_run__holds_the_image_grids_and_histograms(extractor, imag
     media = [p.relative_to(run / "files" / "media" / "images").as_posix()
              for p in (run / "files" / "media" / "images").rglob("*.png")]
     for key in ("features/visualizations", "features/dataset_examples"):
-        assert sum(m.startswith(key) for m in media) >= 2, media  # the SAE grid and the neuron grid
+        # the SAE grid every time, the neuron grid (which never changes) once, each under its own key
+        assert sum(m.startswith(key + "/sae_") for m in media) >= 2, media
+        assert sum(m.startswith(key + "/neurons_") for m in media) == 1, media
+    assert "sizes do not match" not in capfd.readouterr().err, "one size per W&B image key"
+    (table,) = (run / "files" / "media" / "table" / "features").glob("table_*.table.json")
+    content = json.loads(table.read_text())
+    assert content["columns"] == ["feature", "density", "visualization", "examples"]
+    assert len(content["data"]) == 3 and all(row[2] and row[3] for row in content["data"])
     history = _flushed_history(next(run.glob("run-*.wandb")), b"sparsity/val_density")
     for key in (b"sparsity/density", b"sparsity/val_density"):
         assert re.search(re.escape(key) + rb'.{0,8}_type.{0,8}"histogram"', history, re.DOTALL), key

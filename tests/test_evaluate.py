@@ -81,11 +81,16 @@ def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, i
                  "interpretability.png", "index.html", "neurons.html"):
         assert (out / name).is_file(), name
     assert len((out / "curves.csv").read_text().splitlines()) == 1 + CHANNELS + 2 * CHANNELS
-    browsed = metrics["browser"]["features"]
-    assert len(browsed) == 3 and all((out / "features" / f"f{f}_examples.png").is_file() for f in browsed)
-    index = (out / "index.html").read_text()
-    assert index.count('<tr><td data-value="') == 2 * CHANNELS, "one row per feature"
-    assert f'src="features/f{browsed[0]}_viz.png"' in index and "RANDOM weights" in index
+    visualized = metrics["browser"]["features"]
+    assert len(visualized) == 3 and all((out / "features" / f"f{f}_viz.png").is_file() for f in visualized)
+    alive = 2 * CHANNELS - reconstruction["n_dead"]
+    assert metrics["browser"]["pages"] == {"features": alive, "neurons": CHANNELS}, "a page per alive feature, per neuron"
+    assert len(list((out / "features").glob("f*.html"))) == alive
+    assert len(list((out / "neurons").glob("n*.html"))) == CHANNELS
+    units = json.loads((out / "features.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
+    assert len(units["rows"]) == 2 * CHANNELS, "one row per feature"
+    assert f"features/f{visualized[0]}_viz.png" in {r.get("viz") for r in units["rows"]}
+    assert "RANDOM weights" in (out / "index.html").read_text()
 
 
 def test_evaluate__several_runs_are_evaluated_and_compared(tmp_path: Path, images: Path):

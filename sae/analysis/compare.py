@@ -41,6 +41,7 @@ FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("ii_features_pixel", ("interpretability", "pixel", "features", "median"), "II pixel (median)"),
 )
 TEXT_FIELDS = ("run", "layer", "architecture")
+IGNORED_OVERRIDES = ("ckpt_path", "logger", "callbacks", "debug", "trainer.devices", "trainer.num_nodes")
 
 
 def _get(metrics: dict, path: tuple[str, ...]) -> Any:
@@ -51,16 +52,38 @@ def _get(metrics: dict, path: tuple[str, ...]) -> Any:
     return metrics
 
 
+def swept_values(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, str]]:
+    """Per run, the hyperparameters that differ between the runs: the keys of each run's Hydra overrides
+    (`.hydra/overrides.yaml`, e.g. sae.l1_coefficient=3) whose values are not the same in every run."""
+    import yaml
+
+    per_run = []
+    for run in run_dirs:
+        path = Path(run) / ".hydra" / "overrides.yaml"
+        items = yaml.safe_load(path.read_text()) if path.is_file() else []
+        values = {}
+        for item in items or []:
+            key, _, value = str(item).lstrip("+~").partition("=")
+            if not key.startswith("hydra") and key not in IGNORED_OVERRIDES:
+                values[key] = value
+        per_run.append(values)
+    keys = sorted({k for values in per_run for k in values})
+    varying = [k for k in keys if len({values.get(k) for values in per_run}) > 1]
+    return [{k: values.get(k, "") for k in varying} for values in per_run]
+
+
 def comparison_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One row per run from its eval/metrics.json; raises a clear error for a run never evaluated."""
+    """One row per run from its eval/metrics.json (and its swept values); raises a clear error for a run
+    never evaluated."""
     rows = []
+    swept = swept_values(run_dirs) if len(run_dirs) > 1 else [{} for _ in run_dirs]
     for run in run_dirs:
         path = Path(run) / "eval" / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: evaluate the run first (python evaluate.py run={run}), "
                                     "or use runs=[...] to evaluate and compare in one go.")
         metrics = json.loads(path.read_text())
-        row = {"run": str(run)}
+        row = {"run": str(run), **swept[len(rows)]}
         row.update({key: _get(metrics, where) for key, where, _ in FIELDS})
         rows.append(row)
     return rows
@@ -95,7 +118,7 @@ def frontier_figure(rows: Sequence[dict[str, Any]]):
     front = [rows[i] for i in pareto_front(rows)]
     left.plot([r["l0"] for r in front], [r["explained_variance"] for r in front], "k--", lw=1, label="frontier")
     for r in ok:
-        left.annotate(Path(r["run"]).name, (r["l0"], r["explained_variance"]), fontsize=7, xytext=(3, 3),
+        left.annotate(r.get("label") or Path(r["run"]).name, (r["l0"], r["explained_variance"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
     left.set(xlabel="L0 (features active per position)", ylabel="explained variance", title="sparsity vs reconstruction")
     left.legend(fontsize=8)
@@ -118,7 +141,9 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     front = set(pareto_front(rows))
     for i, row in enumerate(rows):
         row["on_frontier"] = "yes" if i in front else "no"
-    keys = ["run", *[key for key, _, _ in FIELDS], "on_frontier"]
+    known = {"run", "on_frontier", *(key for key, _, _ in FIELDS)}
+    swept = [key for key in rows[0] if key not in known] if rows else []
+    keys = ["run", *swept, *[key for key, _, _ in FIELDS], "on_frontier"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
@@ -128,10 +153,13 @@ def write_comparison(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLi
     buffer = io.BytesIO()
     frontier_figure(rows).savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(out / "compare.png", buffer.getvalue())
-    columns = [Column("run", "run", kind="text"), Column("link", "browser", kind="text")]
+    columns = [Column("run", "run", kind="text"), Column("link", "browser", kind="link")]
+    columns += [Column(key, key, kind="text", title="swept: differs between the runs") for key in swept]
     columns += [Column(key, label, kind="text" if key in TEXT_FIELDS else "number") for key, _, label in FIELDS]
     columns.append(Column("on_frontier", "frontier", kind="text"))
     page_rows = [{**row, "link": relative(Path(row["run"]) / "eval" / "index.html", out)} for row in rows]
+    for row in rows:  # the frontier plot names each point by its swept values when there are any
+        row["label"] = ",".join(f"{k.split('.')[-1]}={row[k]}" for k in swept) or Path(row["run"]).name
     write_page(out / "compare.html", render_page(f"Comparison of {len(rows)} runs", columns, page_rows,
                                                  figures=["compare.png"], sort="l0:asc"))
     return rows
@@ -147,25 +175,47 @@ class CompareSweep(HydraCallback):
 
     LIST = "evaluated_runs.txt"
 
+    def __init__(self) -> None:
+        self.sweep_dirs: list[Path] = []  # where this process's jobs recorded themselves
+        self.jobs = 0
+
+    @staticmethod
+    def job_sweep_dir(hydra_cfg: Any) -> Path:
+        """The sweep folder the job really ran in: its output dir less the subdir. (Not hydra.sweep.dir: read
+        again after the job, its ${now:} gives another time, hence another folder.)"""
+        output = Path(str(hydra_cfg.hydra.runtime.output_dir))
+        depth = len(Path(str(hydra_cfg.hydra.sweep.subdir)).parts)
+        return output.parents[depth - 1] if depth else output
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
         hydra_cfg = getattr(job_return, "hydra_cfg", None)
-        if job_return.status != JobStatus.COMPLETED or hydra_cfg is None or not config.get("run"):
+        if hydra_cfg is None or "MULTIRUN" not in str(hydra_cfg.hydra.get("mode")) or not config.get("run"):
             return
-        if "MULTIRUN" not in str(hydra_cfg.hydra.get("mode")):
+        self.jobs += 1
+        if job_return.status != JobStatus.COMPLETED:
             return
-        sweep_dir = Path(hydra_cfg.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.job_sweep_dir(hydra_cfg)
+        if sweep_dir not in self.sweep_dirs:
+            self.sweep_dirs.append(sweep_dir)
         with open(sweep_dir / self.LIST, "a") as f:  # one short line per job: appends do not interleave
             f.write(f"{Path(str(config.run)).resolve()}\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        listed = sweep_dir / self.LIST
-        runs = list(dict.fromkeys(listed.read_text().split())) if listed.is_file() else []
+        sweep_dirs = self.sweep_dirs or [Path(config.hydra.sweep.dir)]
+        runs: list[str] = []
+        for sweep_dir in sweep_dirs:
+            listed = sweep_dir / self.LIST
+            runs += listed.read_text().split() if listed.is_file() else []
+        runs = list(dict.fromkeys(runs))
+        jobs = max(self.jobs, sum(1 for d in sweep_dirs[0].glob("*/.hydra") if d.is_dir()))
         if len(runs) < 2:
+            if jobs >= 2:  # a sweep over runs that cannot be compared must not end as if it had been
+                raise RuntimeError(f"the sweep ran {jobs} evaluation jobs but only {len(runs)} finished "
+                                   f"({sweep_dirs[0]}/{self.LIST}); no comparison was written. Compare the "
+                                   "evaluated runs with python evaluate.py compare='[RUN_A,RUN_B]'.")
             return
-        out = Path(config.get("compare_out") or sweep_dir / "compare")
+        out = Path(config.get("compare_out") or sweep_dirs[0] / "compare")
         write_comparison(runs, out)
         logging.getLogger("sae").info("compared %d runs: %s", len(runs), out / "compare.html")

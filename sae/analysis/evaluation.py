@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor
 
 from sae.analysis import examples
-from sae.analysis.sections import HeldOut, Section, browse, fidelity, reconstruction, render, scan, write_json
+from sae.analysis.sections import HeldOut, Section, fidelity, reconstruction, scan, write_json
 from sae.checks import BadConfigError
 from sae.errors import UserError
 from sae.nn import SparseAutoencoder, load_sae
@@ -136,6 +136,7 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
     scans: dict[str, examples.ActivationScan] = {}
 
     def timed(name: str, fn):
+        log.info("eval: %s ...", name)
         began = time.perf_counter()
         section = fn()
         timings[name] = time.perf_counter() - began
@@ -160,9 +161,11 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
         from sae.analysis.studies import interpretability_section
 
         timed("interpretability", lambda: interpretability_section(held, scans, out, cfg.interpretability, sae))
-    browsed: dict[str, dict] = {}
+    browsed: dict[str, Any] = {}
     if "browser" in cfg.sections:
-        timed("browser", lambda: _browse(extractor, sae, held, scans, out, cfg.browser, browsed))
+        from sae.analysis.browser import browse
+
+        timed("browser", lambda: browsed.setdefault("section", browse(extractor, sae, held, scans, out, cfg.browser))[0])
     result.metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     write_json(out / "metrics.json", _json_safe(result.metrics))
     result.files.append("metrics.json")
@@ -171,30 +174,8 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
 
         warnings = [RANDOM_WEIGHTS_WARNING] if weights == "random" else []
         title = f"SAE {sae.architecture} on {run.layer} ({sae.d_sae} features)"
-        result.files += write_pages(out, title, result.metrics, result.sections, browsed, warnings)
+        result.files += write_pages(out, title, result.metrics, result.sections, browsed["section"][1], warnings)
     return result
-
-
-def _browse(extractor, sae: SparseAutoencoder, held: HeldOut, scans: dict, out: Path, cfg: Any,
-            browsed: dict) -> Section:
-    """Feature visualizations and dataset examples for the chosen features and neurons."""
-    from sae.analysis.featureviz import feature_directions, neuron_directions
-
-    frequency = scans["features"].frequency
-    how = cfg.features if isinstance(cfg.features, str) else list(cfg.features)
-    features = examples.select_features(frequency, how, int(cfg.n_features), seed=int(cfg.seed))
-    neurons = examples.select_neurons(sae.d_in, cfg.neurons if isinstance(cfg.neurons, int) else list(cfg.neurons),
-                                      seed=int(cfg.seed))
-    if cfg.get("known_curve_neurons", False):
-        from sae.analysis.curves import KNOWN_CURVE_NEURONS
-
-        neurons = list(dict.fromkeys([*KNOWN_CURVE_NEURONS.get(held.layer, []), *neurons]))
-    directions = torch.cat([feature_directions(sae, features), neuron_directions(sae.d_in, neurons)])
-    viz = render(extractor, directions, cfg)
-    viz_features, viz_neurons = (None, None) if viz is None else (viz[: len(features)], viz[len(features) :])
-    browsed["features"] = browse(held, features, scans["features"], viz_features, out / "features", "f", cfg)
-    browsed["neurons"] = browse(held, neurons, scans["neurons"], viz_neurons, out / "neurons", "n", cfg)
-    return Section({"features": features, "neurons": neurons, "visualized": viz is not None})
 
 
 def _json_safe(value: Any) -> Any:

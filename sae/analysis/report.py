@@ -24,7 +24,7 @@ ASSETS = "report_assets"
 
 @dataclass(frozen=True)
 class Column:
-    """One table column. kind: "number" (sorted numerically; filter like >0.1 or 0.1..0.5), "text",
+    """One table column. kind: "number" (sorted numerically; filter like >0.1 or 0.1..0.5), "text", "link" (an href),
     "svg" (inline markup, e.g. a sparkline; not sortable by content) or "image" (a relative path)."""
 
     key: str
@@ -81,6 +81,8 @@ def _cell(column: Column, value: Any) -> str:
         images = "".join(f'<a href="{html.escape(p)}"><img loading="lazy" src="{html.escape(p)}" alt=""></a>'
                          for p in paths)
         return f'<td class="image" data-value="{html.escape(paths[0])}">{images}</td>'
+    if column.kind == "link":
+        return f'<td><a href="{html.escape(str(value))}">open</a></td>' if value else "<td></td>"
     if column.kind == "number":
         number = float("nan") if value is None else float(value)
         return f'<td data-value="{number!r}">{html.escape(format_number(value, column.digits))}</td>'

@@ -157,7 +157,8 @@ def render(extractor, directions: Tensor, cfg: Any) -> Tensor | None:
         return None
     from sae.analysis.featureviz import render_directions
 
-    return render_directions(extractor, directions, steps=int(steps), image_size=int(cfg.viz_size), seed=int(cfg.seed))
+    return render_directions(extractor, directions, steps=int(steps), image_size=int(cfg.viz_size), seed=int(cfg.seed),
+                             progress=True)  # a bar with an ETA: minutes on a CPU
 
 
 def browse(held: HeldOut, units: list[int], unit_scan: examples.ActivationScan, viz: Tensor | None, folder: Path,

@@ -60,7 +60,7 @@ class SAEModule(L.LightningModule):
                       resample=resample)
         # Plain containers (not a config library's), so checkpoints load with torch.load(weights_only=True).
         resample, betas, metadata = (dict(resample) if resample else None), tuple(betas), dict(metadata or {})
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the resolved run config once (train.py)
         self.sae: SparseAutoencoder = build_sae(
             architecture, int(d_in), d_sae=d_sae, expansion=None if d_sae is not None else expansion, **arch_hparams
         )

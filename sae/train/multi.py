@@ -94,7 +94,7 @@ class MultiSAEModule(L.LightningModule):
     def __init__(self, d_in: int, members: Sequence[Mapping] | None = None, sweep: Mapping | None = None,
                  metadata: dict | None = None, **shared: Any):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the resolved run config once (train.py)
         configs = member_configs(members, sweep)
         self.names = list(configs)
         self.members = nn.ModuleList(

@@ -197,6 +197,7 @@ def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.on_train_batch_end(out, x, 0)
+    step.module = module
     return step
 
 

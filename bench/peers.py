@@ -162,7 +162,7 @@ def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
     return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
 
-def build(x: torch.Tensor) -> tuple[dict[str, Contender], list[str]]:
+def build(x: torch.Tensor, peers: tuple[str, ...]) -> tuple[dict[str, Contender], list[str]]:
     contenders, skipped = {}, []
     for scenario, n_dead in SCENARIOS.items():
         ours = project("topk", x, n_dead)
@@ -170,13 +170,15 @@ def build(x: torch.Tensor) -> tuple[dict[str, Contender], list[str]]:
         weights = {"W_enc": ours.step.module.sae.W_enc.detach(), "W_dec": ours.step.module.sae.W_dec.detach()}
         for peer, make in (("sparsify", lambda: sparsify(x, n_dead, weights)),
                            ("saelens", lambda: saelens("topk", x, n_dead))):
+            if peer not in peers:
+                continue
             made = make()
             if made is None:
                 skipped.append(peer)
             else:
                 contenders[f"{peer} {scenario}"] = made
     contenders["project relu"] = project("relu", x, 0)
-    made = saelens("relu", x, 0)
+    made = saelens("relu", x, 0) if "saelens" in peers else None
     if made is not None:
         contenders["saelens relu"] = made
     probe = matmul_probe(x.device)
@@ -220,6 +222,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="5 rounds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", default="sparsify,saelens", help="comma-separated peers to time (default: both)")
     parser.add_argument("--out", type=Path, help="write the per-round times and the ratios as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -232,7 +235,7 @@ def main() -> None:
     reuse = reuse_freed_host_memory()
     torch.manual_seed(0)
     x = torch.randn(BATCH, D_IN)
-    contenders, skipped = build(x)
+    contenders, skipped = build(x, tuple(args.peers.split(",")))
     for peer in skipped:
         print(f"{peer} not installed, skipped: {INSTALL[peer]}")
     rounds = 5 if args.quick else args.rounds

@@ -57,8 +57,8 @@ def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None
         values, indices = dead_pre_acts.topk(k_aux, dim=-1, sorted=False)
         weights = values.relu().to(W_dec.dtype)
         residual_hat = F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum")
-    error = (residual - residual_hat).pow(2).sum()
-    variance = (residual - residual.mean(dim=0)).pow(2).sum().clamp_min(torch.finfo(error.dtype).tiny)
+    error = F.mse_loss(residual_hat, residual, reduction="sum")
+    variance = (residual.var(dim=0, correction=0).sum() * residual.shape[0]).clamp_min(torch.finfo(error.dtype).tiny)
     any_dead = dead_mask.any().to(error.dtype)
     return coefficient * any_dead * error / variance
 

@@ -222,7 +222,8 @@ def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_w
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
-@pytest.mark.parametrize("n_dead", [0, 5, 100])  # AuxK off; all dead latents kept (<= k_aux 8); top 8 of 100
+# AuxK off; every dead latent kept (5 <= k_aux 8); top 8 of 20 dense on the dead columns; top 8 of 100 sparse
+@pytest.mark.parametrize("n_dead", [0, 5, 20, 100])
 @pytest.mark.parametrize("sparse_decode", [True, False])
 def test_topk_training_step__equals_an_independent_dense_computation(architecture, n_dead, sparse_decode):
     """The training forward (selection outside autograd, gradients through the selected entries only, AuxK on

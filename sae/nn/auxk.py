@@ -63,25 +63,34 @@ def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None
     return coefficient * any_dead * error / variance
 
 
+# Up to this many dead latents per kept one, AuxK works densely on the dead columns; beyond, the sparse products
+# over the B * k_aux kept entries are cheaper (the crossover on CPU is in bench/README.md).
+DENSE_AUXK_MAX_RATIO = 4
+
+
 def _dead_reconstruction(W_dec: Tensor, pre_acts: Tensor, dead_mask: Tensor, k_aux: int, x: Tensor,
                          W_enc: Tensor, bias: Tensor) -> Tensor | None:
     """e_hat (B, d_in) from the top-k_aux dead pre-activations, touching the dead latents' columns only.
 
-    One host sync counts the dead latents (n). With n <= k_aux every dead latent is kept, so there is no
-    selection: the dead columns' pre-activations are recomputed with autograd by one (B, d_in) x (d_in, n)
-    product, and the rest is dense on n columns (the same values; at 1% of d_sae this costs a few percent of
-    the encoder product). With n > k_aux the top k_aux of the n dead columns are picked from the pre-activations
-    already computed, and the gradient flows through those B * k_aux entries only (``sparse_grad.py``).
-    None when no latent is dead.
+    One host sync counts the dead latents (n). Up to DENSE_AUXK_MAX_RATIO * k_aux of them, their
+    pre-activations are recomputed with autograd by one (B, d_in) x (d_in, n) product and the rest is dense on
+    n columns (with n <= k_aux every dead latent is kept: no selection at all). Beyond that the top k_aux are
+    picked from the pre-activations already computed and the gradient flows through those B * k_aux entries
+    only (``sparse_grad.py``). None when no latent is dead.
     """
     dead = dead_mask.nonzero().squeeze(1)
     n = dead.numel()
     if n == 0:
         return None
-    if n <= k_aux:
+    if n <= DENSE_AUXK_MAX_RATIO * k_aux:
         dead_pre_acts = torch.addmm(bias[dead], x, W_enc[:, dead])
-        return dead_pre_acts.relu().to(W_dec.dtype) @ W_dec[dead]
-    values, picked = pre_acts.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+        if n <= k_aux:
+            weights = dead_pre_acts.relu()
+        else:
+            picked = dead_pre_acts.detach().topk(k_aux, dim=-1, sorted=False).indices
+            weights = torch.zeros_like(dead_pre_acts).scatter(1, picked, dead_pre_acts.gather(1, picked).relu())
+        return weights.to(W_dec.dtype) @ W_dec[dead]
+    values, picked = pre_acts.index_select(1, dead).topk(min(k_aux, n), dim=-1, sorted=False)
     layout = LatentLayout(dead[picked], W_dec.shape[0])
     weights = selected_relu(values, x, W_enc, bias, layout)
     return sparse_decode(weights.to(W_dec.dtype), W_dec, layout)

@@ -55,9 +55,11 @@ class LatentLayout:
                 order = torch.from_numpy(np.argsort(flat.numpy().astype(np.uint16), kind="stable"))
             else:
                 order = torch.sort(flat, stable=True).indices
-            crow = torch.zeros(self.d_sae + 1, dtype=torch.long, device=flat.device)
+            # 32-bit CSR indices where they fit: the CPU sparse product converts 64-bit ones on every call.
+            index_dtype = torch.int32 if flat.numel() < 2**31 else torch.long
+            crow = torch.zeros(self.d_sae + 1, dtype=index_dtype, device=flat.device)
             torch.cumsum(torch.bincount(flat, minlength=self.d_sae), 0, out=crow[1:])
-            inputs = torch.div(order, self.indices.shape[1], rounding_mode="floor")
+            inputs = torch.div(order, self.indices.shape[1], rounding_mode="floor").to(index_dtype)
             self._by_latent = (crow, inputs, order)
         return self._by_latent
 
@@ -96,7 +98,7 @@ class _SelectedReLU(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, out = ctx.saved_tensors
         layout: LatentLayout = ctx.layout
-        grad = grad * (out > 0)  # relu's gradient; BatchTopK's padding (value 0) gets none
+        grad = torch.where(out > 0, grad, 0.0)  # relu's gradient; BatchTopK's padding (value 0) gets none
         grad_x = layout.matmul(grad, weight.T.contiguous()) if ctx.needs_input_grad[1] else None
         grad_weight = layout.transpose_matmul(grad, x).T if ctx.needs_input_grad[2] else None
         grad_bias = None

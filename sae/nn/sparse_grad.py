@@ -50,8 +50,8 @@ class LatentLayout:
         if self._by_latent is None:
             flat = self.indices.flatten()
             if flat.device.type == "cpu" and self.d_sae <= RADIX_MAX_KEYS:
-                # numpy's stable argsort of 16-bit keys is a one-thread radix sort (0.5 ms for 131k keys); torch's
-                # parallel sort of int64 took 2-400 ms on two threads of a busy machine, each phase waiting for both.
+                # numpy's stable argsort of 16-bit keys is a one-thread radix sort; torch's parallel sort waits for
+                # every thread at each phase, which dominated the step on a busy machine (bench/README.md).
                 order = torch.from_numpy(np.argsort(flat.numpy().astype(np.uint16), kind="stable"))
             else:
                 order = torch.sort(flat, stable=True).indices

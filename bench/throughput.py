@@ -188,7 +188,7 @@ def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int =
     # As in a run with the default trainer.log_every_n_steps (20): the train/* statistics, three extra
     # (B, d_sae) passes, are computed on logging steps only, which this loop of a few steps never reaches.
     module._logs_this_step = lambda: False
-    optimizer = torch.optim.Adam(module.sae.parameters())
+    optimizer = torch.optim.Adam(module.sae.parameters(), fused=True)  # as SAEModule.configure_optimizers
 
     def step():
         out = module.training_step(x, 0)
@@ -197,6 +197,7 @@ def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int =
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.on_train_batch_end(out, x, 0)
+    step.module = module
     return step
 
 

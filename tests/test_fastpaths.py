@@ -188,10 +188,12 @@ def test_extractor__autocast_on_cuda_stays_close_to_float32(net):
     assert float((approx - reference).norm() / reference.norm()) < 0.05
 
 
-def test_bench__harness_imports_and_describes_itself():
-    result = subprocess.run([sys.executable, "bench/throughput.py", "--help"], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize(("script", "option"), [("throughput.py", "--quick"), ("peers.py", "--rounds"),
+                                                ("e2e.py", "--windows")])
+def test_bench__harness_imports_and_describes_itself(script, option):
+    result = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 0 and "--quick" in result.stdout
+    assert result.returncode == 0 and option in result.stdout
 
 
 def _heap_ranges() -> list[tuple[int, int]]:

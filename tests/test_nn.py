@@ -200,6 +200,69 @@ def test_sparse_encoder_grad__matches_the_dense_gradient(architecture, k, with_a
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
 
 
+def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_wide: bool):
+    """TopK / BatchTopK loss written out densely from the papers, sharing nothing with sae.nn but the weights."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if batch_wide:
+        values, flat = pre.relu().flatten().topk(sae.k * x.shape[0])
+        f = torch.zeros_like(pre).flatten().scatter(0, flat, values).view_as(pre)
+    else:
+        values, indices = pre.topk(sae.k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    x_hat = f @ sae.W_dec + sae.b_dec
+    loss = ((x_hat - x) ** 2).mean()
+    if dead is not None and dead.any():
+        residual = (x - x_hat).detach()
+        dead_pre = pre.masked_fill(~dead, float("-inf"))
+        values, indices = dead_pre.topk(min(sae.k_aux, int(dead.sum())), dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        error = ((residual - f_aux @ sae.W_dec) ** 2).sum()
+        loss = loss + sae.aux_k_coefficient * error / ((residual - residual.mean(dim=0)) ** 2).sum()
+    return loss, x_hat, f, pre
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+# AuxK off; every dead latent kept (5 <= k_aux 8); top 8 of 20 dense on the dead columns; top 8 of 100 sparse
+@pytest.mark.parametrize("n_dead", [0, 5, 20, 100])
+@pytest.mark.parametrize("sparse_decode", [True, False])
+def test_topk_training_step__equals_an_independent_dense_computation(architecture, n_dead, sparse_decode):
+    """The training forward (selection outside autograd, gradients through the selected entries only, AuxK on
+    the dead columns) gives the textbook loss, outputs and gradients."""
+    sae = make(architecture, d_in=16, d_sae=256, k=6, aux_k_coefficient=0.5, sparse_decode=sparse_decode,
+               sparse_encoder_grad=True)
+    perturb_(sae)
+    x = torch.randn(48, 16)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[torch.randperm(256)[:n_dead]] = True
+    sae.train()
+    out = sae(x)
+    loss = sae.loss(x, out, dead_mask=dead if n_dead else None).loss
+    loss.backward()
+    fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    expected, x_hat, f, pre = _textbook_topk_loss(sae, x, dead, architecture == "batchtopk")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, a, b in (("x_hat", out.x_hat, x_hat), ("f", out.f, f), ("pre_acts", out.pre_acts, pre)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_selected_relu_and_sparse_decode__gradients_reach_the_input_too():
+    """The sparse-gradient functions also give x its gradient (an SAE inside a larger differentiable model)."""
+    sae = make("topk", d_in=16, d_sae=128, k=5, sparse_encoder_grad=True)
+    perturb_(sae)
+    x = torch.randn(20, 16, requires_grad=True)
+    sae.train()
+    sae.loss(x, sae(x)).loss.backward()
+    fast = x.grad.clone()
+    x.grad = None
+    expected, *_ = _textbook_topk_loss(sae, x, None, batch_wide=False)
+    expected.backward()
+    torch.testing.assert_close(fast, x.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(("architecture", "hparams"),
                          [("topk", {}), ("batchtopk", {}), ("jumprelu", {"aux_k_coefficient": 0.5})])
 def test_aux_loss__trains_only_dead_latents_and_vanishes_without_them(architecture, hparams):

@@ -32,6 +32,7 @@ import numbers
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.errors import UserError
@@ -159,7 +160,7 @@ class SparseAutoencoder(nn.Module):
         self, x: Tensor, out: SAEOutput, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
     ) -> SAELoss:
         """Total loss on x (B, d_in) given ``out = self(x)``; see the module docstring for the convention."""
-        mse = (out.x_hat - x).pow(2).mean()
+        mse = F.mse_loss(out.x_hat, x)  # one fused pass forward and one backward
         sparsity = self.sparsity_loss(out)
         aux = self.aux_loss(x, out, dead_mask)
         return SAELoss(mse + sparsity_scale * sparsity + aux, mse, sparsity, aux)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .auxk import auxk_loss, resolve_k_aux
-from .sparse_grad import sparse_grad_addmm
+from .sparse_grad import LatentLayout, selected_relu, sparse_decode
 from .base import (
     SAEConfigError,
     SAEOutput,
@@ -43,8 +43,9 @@ class TopKSAE(SparseAutoencoder):
             coefficient matters less than its size suggests.
         sparse_decode: gather the k active decoder rows (True), dense matmul (False), or
             None = auto: sparse when k / d_sae <= SPARSE_DECODE_MAX_DENSITY.
-        sparse_encoder_grad: form W_enc's gradient from the non-zero pre-activation gradients only
-            (``sparse_grad.py``; True), densely (False), or None = auto: on CPU.
+        sparse_encoder_grad: in training, select outside autograd and carry gradients through the selected
+            entries only (``sparse_grad.py``; True), or through the dense pre-activations (False), or
+            None = auto: on CPU.
     """
 
     architecture: ClassVar[str] = "topk"
@@ -75,14 +76,12 @@ class TopKSAE(SparseAutoencoder):
             raise SAEConfigError(f"sparse_encoder_grad={sparse_encoder_grad!r} must be True, False or None (auto)")
         self.sparse_encoder_grad = sparse_encoder_grad
 
-    def pre_acts(self, x: Tensor) -> Tensor:
-        """(B, d_in) -> (B, d_sae), as in the base class; while training, the W_enc gradient is sparse."""
+    def uses_sparse_grads(self, x: Tensor) -> bool:
+        """Whether this forward selects outside autograd and carries gradients through the selected entries only."""
         use_sparse = self.sparse_encoder_grad
         if use_sparse is None:
             use_sparse = x.device.type == "cpu"
-        if not (use_sparse and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad):
-            return super().pre_acts(x)
-        return sparse_grad_addmm(self.encoder_bias(), x, self.W_enc)
+        return bool(use_sparse and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad)
 
     # ----------------------------------------------------------------------------- selection
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,6 +110,8 @@ class TopKSAE(SparseAutoencoder):
         return rows + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
+        if self.uses_sparse_grads(x):
+            return self._forward_sparse_grads(x)
         pre_acts = self.pre_acts(x)
         if not self.uses_sparse_decode:
             f = self.activation(pre_acts)
@@ -120,10 +121,27 @@ class TopKSAE(SparseAutoencoder):
         f = torch.zeros_like(pre_acts).scatter_add_(-1, indices, values.to(pre_acts.dtype))
         return SAEOutput(self.decode_sparse(values, indices), f, pre_acts)
 
+    def _forward_sparse_grads(self, x: Tensor) -> SAEOutput:
+        """The training forward with ``sparse_grad.py``'s gradients: the encoder product and the selection run
+        without autograd, and only the selected entries carry a gradient back (to W_enc, b_enc, b_dec and x).
+        The returned pre_acts (B, d_sae) do not require grad; AuxK re-attaches its own entries (``aux_loss``)."""
+        bias = self.encoder_bias()
+        with torch.no_grad():
+            pre_acts = torch.addmm(bias, x, self.W_enc)
+            selected, indices = self.active_latents(pre_acts)
+        layout = LatentLayout(indices, self.d_sae)
+        values = selected_relu(selected, x, self.W_enc, bias, layout)
+        f = torch.zeros_like(pre_acts).scatter_add_(-1, indices, values.to(pre_acts.dtype))
+        if not self.uses_sparse_decode:
+            return SAEOutput(self.decode(f), f, pre_acts)
+        return SAEOutput(sparse_decode(values, self.W_dec, layout) + self.b_dec, f, pre_acts)
+
     # ----------------------------------------------------------------------------- AuxK
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024, section A.2), see ``auxk.auxk_loss``. dead_mask: (d_sae,) bool."""
-        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient)
+        # Pre-activations from the sparse-gradient forward carry no gradient: AuxK re-attaches its entries.
+        encoder = None if out.pre_acts.requires_grad else (x, self.W_enc, self.encoder_bias())
+        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient, encoder=encoder)
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:

@@ -124,7 +124,8 @@ class MultiSAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [{"params": list(m.sae.parameters()), "lr": m.lr, "betas": m.betas} for m in self.members]
-        optimizer = torch.optim.Adam(groups)
+        fused = all(p.device.type in ("cpu", "cuda") for m in self.members for p in m.sae.parameters()) or None
+        optimizer = torch.optim.Adam(groups, fused=fused)  # as SAEModule: one kernel per parameter
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         schedules = [
             (lambda step, m=m: lr_factor(step, m.lr_warmup_steps, total, m.lr_decay_fraction)) for m in self.members

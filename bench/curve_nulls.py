@@ -67,7 +67,15 @@ def measure_network(layer: str, images: torch.Tensor, seed: int, densities, n_di
         families["sae_features"] = curve_study.feature_family(probe, acts, load_run(sae_run).sae)
     return {name: {"n_units": len(f.report.is_curve), "n_curve": f.report.n_curve,
                    "preferred": f.report.preferred_orientation[f.report.is_curve].tolist(),
-                   "failures": f.report.failures()} for name, f in families.items()}
+                   "failures": f.report.failures(), "units": _unit_columns(f.report)} for name, f in families.items()}
+
+
+def _unit_columns(report) -> dict:
+    """Every unit's measured quantities, so that other thresholds can be tried on the saved JSON."""
+    columns = {c: getattr(report, c) for c in ("peak", "relative_peak", "half_width", "peak_sharpness",
+                                               "curve_vs_line", "curve_vs_angle", "split_fraction", "split_shift")}
+    columns["single_peak"] = report.single_peak.float()
+    return {c: [round(float(v), 5) if v == v else None for v in values.tolist()] for c, values in columns.items()}
 
 
 def _run_extractor(run: str):

@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from sae.analysis.curves import Tuning
+if TYPE_CHECKING:  # curves re-exports this module, so it is imported lazily the other way round
+    from sae.analysis.curves import Tuning
 
 CHECKS = ("responds", "relative_peak", "single_peak", "half_width", "peak_to_mean", "curve_vs_line",
           "curve_vs_angle", "split")

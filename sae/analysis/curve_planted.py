@@ -38,8 +38,12 @@ def load_truth(layer: str, run_dir: Path | None = None):
     except ImportError as e:
         log.warning("model_weights is planted but sae.model.planted is not available (%s): no curves.planted.", e)
         return None
-    if run_dir is not None and (Path(run_dir) / TRUTH_FILE).is_file():
-        return planted.PlantedTruth.from_json(Path(run_dir) / TRUTH_FILE)
+    path = Path(run_dir) / TRUTH_FILE if run_dir is not None else None
+    if path is not None and path.is_file():
+        try:  # from_json takes the file's text (or, in some versions, its path)
+            return planted.PlantedTruth.from_json(path.read_text())
+        except (TypeError, ValueError, OSError):
+            return planted.PlantedTruth.from_json(path)
     return planted.planted_truth(layer)
 
 

@@ -170,7 +170,8 @@ def build_families(extractor, sae, images: Tensor, acts: Tensor, scans: dict | N
         families["null_neurons"] = direction_family(probe, acts, (acts > 0).float().mean((0, 2, 3)), seed + 1,
                                                     criterion, k)
     random_weights = null_cfg.get("random_weights", "auto")
-    if random_weights is True or (random_weights == "auto" and weights in REAL_WEIGHTS):
+    real = weights in REAL_WEIGHTS or getattr(extractor, "pretrained", False)
+    if random_weights is True or (random_weights == "auto" and real):
         families["random_weights_neurons"] = _random_weights_neurons(extractor, images, probe, cfg, seed)
     return probe, families
 
@@ -232,7 +233,7 @@ def curve_section(extractor, sae, out: Path, cfg: Any, held, scans: dict | None 
                      "preferred_orientation": float(reports["neurons"].preferred_orientation[n])} for n in known}
         metrics["gap_known_neurons_deg"] = orientation_gap(reports["neurons"].preferred_orientation[known].numpy())
     overlay = None
-    if weights == "planted":
+    if weights == "planted" or getattr(extractor, "weights_source", None) == "planted":
         from sae.analysis.curve_planted import load_truth, planted_recovery, wheel_overlay
 
         truth = load_truth(extractor.layer, run_dir)

@@ -213,7 +213,7 @@ def curve_stimuli(
 
     Defaults scale with ``size`` (pick it with ``stimulus_size(layer)`` so the shapes fill the unit's
     receptive field): length = size / 2, radii = size * (0.08, 0.15, 0.3, 0.6) px, widths =
-    (size / 48, size / 24) px but at least (1, 2), one angle opening per radius, evenly from 60 to 150
+    (size / 48, size / 24) px but at least (1, 2), one angle opening per radius, evenly from 60 to 120
     degrees. The k-th width is drawn displaced by k * ``jitter`` px in y and x. center defaults to the
     image centre.
     """
@@ -223,7 +223,7 @@ def curve_stimuli(
         raise ValueError(f"polarities={tuple(polarities)}: use 1 (dark on white) and/or -1 (white on black).")
     length = float(length if length is not None else size / 2)
     radii = tuple(float(r) for r in (radii if radii is not None else [size * f for f in (0.08, 0.15, 0.3, 0.6)]))
-    openings = tuple(openings if openings is not None else np.linspace(60.0, 150.0, len(radii)).tolist())
+    openings = tuple(openings if openings is not None else np.linspace(60.0, 120.0, len(radii)).tolist())
     renderings = _renderings(size, widths, jitter)
     if min(radii) <= 0 or min(w for w, _ in renderings) <= 0 or length <= 0:
         raise ValueError(f"radii {radii}, widths {widths} and length {length} must be positive (pixels).")

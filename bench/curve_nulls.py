@@ -3,11 +3,13 @@
     python bench/curve_nulls.py                       # mixed3b, 3 random-weights networks, 128 images
     python bench/curve_nulls.py --quick               # 1 network, 32 images, 16 orientations: a smoke run
     python bench/curve_nulls.py --sae RUN_DIR         # also the features of a trained SAE (its own network)
+    python bench/curve_nulls.py --rescore curve_nulls.json --set min_curve_vs_angle=1.1   # other thresholds
 
 Families, each through the evaluation's own path (`sae.analysis.curve_study.unit_family`: the stimuli at
 the layer's receptive field with half-a-stride jitter, natural scales from held-out images):
 
-* neurons of InceptionV1 with random weights (target: <= 0.5% pass, 2 of mixed3b's 480);
+* neurons of InceptionV1 with random weights (target: <= 0.5% pass, 2 of mixed3b's 480); network 0 is the
+  project's random network (model.pretrained=false), networks 1.. are lucent's initialisation under other seeds;
 * random unit directions in the random network's channel space, thresholded to fire on 10%, 1% and 0.1% of
   held-out positions (the range of SAE feature densities; target <= 0.25%);
 * with --sae: the features of a trained SAE (e.g. `python train.py model.pretrained=false ...`; target
@@ -51,10 +53,7 @@ def measure_network(layer: str, images: torch.Tensor, seed: int, densities, n_di
     """Pass counts of the random network's neurons and of density-matched random directions."""
     from sae.analysis import curve_study
     from sae.analysis.evaluation import extract
-    from sae.model import InceptionExtractor
-
-    torch.manual_seed(seed)
-    extractor = InceptionExtractor(layer, pretrained=False) if sae_run is None else _run_extractor(sae_run)
+    extractor = _random_network(layer, seed) if sae_run is None else _run_extractor(sae_run)
     acts = extract(extractor, images)
     probe = curve_study.Probe.build(extractor, orientations=orientations, batch_size=64)
     families = {"neurons": curve_study.neuron_family(probe, acts)}
@@ -76,6 +75,22 @@ def _unit_columns(report) -> dict:
                                                "curve_vs_line", "curve_vs_angle", "split_fraction", "split_shift")}
     columns["single_peak"] = report.single_peak.float()
     return {c: [round(float(v), 5) if v == v else None for v in values.tolist()] for c, values in columns.items()}
+
+
+def _random_network(layer: str, seed: int):
+    """Seed 0: the project's random-weights InceptionV1 (model.pretrained=false); others: lucent's
+    initialisation under another seed."""
+    import logging
+
+    from sae.model import InceptionExtractor
+
+    if seed == 0:
+        return InceptionExtractor(layer, pretrained=False)
+    from lucent.modelzoo.inceptionv1.InceptionV1 import InceptionV1
+
+    torch.manual_seed(seed)
+    logging.getLogger("sae.model").setLevel(logging.ERROR)  # "a net not loaded by load_inceptionv1": known
+    return InceptionExtractor(layer, net=InceptionV1(pretrained=False).eval())
 
 
 def _run_extractor(run: str):
@@ -102,7 +117,16 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="curve_nulls.json")
+    parser.add_argument("--rescore", default=None, metavar="JSON",
+                        help="no measuring: count the passes of a saved run under --set thresholds")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="thresholds for --rescore")
     args = parser.parse_args()
+    if args.rescore:
+        thresholds = {k: float(v) for k, v in (item.split("=") for item in args.set)}
+        saved = json.loads(Path(args.rescore).read_text())
+        for network in saved["networks"] + ([saved["sae"]] if "sae" in saved else []):
+            print({name: f"{rescore(f['units'], **thresholds)}/{f['n_units']}" for name, f in network.items()})
+        return
     if args.quick:
         args.networks, args.images, args.directions, args.orientations = 1, 32, 300, 16
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -114,6 +138,7 @@ def main() -> None:
                                                    args.orientations))
         print(f"network {seed}: " + ", ".join(f"{k} {v['n_curve']}/{v['n_units']}"
                                                for k, v in results["networks"][-1].items()), flush=True)
+        Path(args.out).write_text(json.dumps(results))  # so far: a long run can be read while it goes on
     if args.sae:
         results["sae"] = measure_network(args.layer, images, 0, [], 0, args.orientations, sae_run=args.sae)
     results["totals"] = _totals(results)
@@ -125,11 +150,27 @@ def main() -> None:
     print(f"{results['seconds']} s; written to {args.out}")
 
 
+def rescore(units: dict, min_relative_peak=0.25, min_half_width=10.0, max_half_width=45.0, min_peak_to_mean=2.5,
+            min_curve_vs_line=1.25, min_curve_vs_angle=1.0, min_split_fraction=0.5, max_split_shift=22.5,
+            step=360 / 64) -> int:
+    """How many of a saved family's units pass under other thresholds (single_peak as measured)."""
+    import numpy as np
+
+    c = {k: np.array([np.nan if v is None else v for v in values], dtype=float) for k, values in units.items()}
+    with np.errstate(invalid="ignore"):
+        passed = ((c["peak"] > 0) & (c["relative_peak"] >= min_relative_peak) & (c["single_peak"] > 0)
+                  & (c["half_width"] >= max(min_half_width, step)) & (c["half_width"] <= max_half_width)
+                  & (c["peak_sharpness"] >= min_peak_to_mean) & (c["curve_vs_line"] >= min_curve_vs_line)
+                  & (c["curve_vs_angle"] >= min_curve_vs_angle) & (c["split_fraction"] >= min_split_fraction)
+                  & (c["split_shift"] <= max_split_shift))
+    return int(passed.sum())
+
+
 def _totals(results: dict) -> dict:
     totals: dict[str, dict] = {}
-    for network in results["networks"] + ([results["sae"]] if "sae" in results else []):
+    sae = {"sae_features": results["sae"]["sae_features"]} if "sae" in results else {}
+    for network in results["networks"] + [sae]:
         for name, family in network.items():
-            name = "sae_features" if name == "sae_features" else name
             total = totals.setdefault(name, {"n_curve": 0, "n_units": 0, "failures": {}})
             total["n_curve"] += family["n_curve"]
             total["n_units"] += family["n_units"]

@@ -202,3 +202,14 @@ def test_curve_section__counts_stand_beside_their_nulls(tmp_path):
     assert (tmp_path / "curves_orientations.png").is_file() and (tmp_path / "curves.csv").is_file()
     small = curve_section(InceptionExtractor("conv2d1", pretrained=False), sae, tmp_path, cfg, held)
     assert small.metrics == {"applicable": False, "reason": not_applicable("conv2d1")}
+
+
+def test_numeric_leaves__nested_counts_and_null_flags_reach_wandb():
+    from evaluate import numeric_leaves
+
+    metrics = {"run": {"layer": "mixed3b"}, "curves": {
+        "n_curve_features": 3, "null": {"features": {"n_curve": 1, "above_null": False}},
+        "above_null": {"features": True}, "criterion": {"min_half_width": 10.0}, "verdict": {"features": "x"}}}
+    flat = numeric_leaves(metrics)
+    assert flat == {"curves/n_curve_features": 3, "curves/null/features/n_curve": 1,
+                    "curves/null/features/above_null": 0, "curves/above_null/features": 1}

@@ -74,6 +74,8 @@ def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, i
     curves = metrics["curves"]
     assert curves["n_units"] == {"neurons": CHANNELS, "features": 2 * CHANNELS}
     assert 0 < curves["gap_neurons_and_features_deg"] <= curves["gap_neurons_deg"] <= 360
+    assert curves["applicable"] and {"features", "neurons"} <= set(curves["null"]) <= set(curves["verdict"]) | {
+        "gap_features_deg", "gap_neurons_and_features_deg", "gap_neurons_deg"}  # every count beside its null
     assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "random"}
     for name in ("density.png", "curves_orientations.png", "curves.csv", "interpretability.json",
                  "interpretability.png", "index.html", "neurons.html"):

@@ -26,8 +26,10 @@ Let t(theta) be a unit's curve tuning (max over radius, rendering and polarity),
 5. ``peak_to_mean``: peak / mean(t) >= ``min_peak_to_mean`` (default 2.5; a von Mises bump of 45
    degrees HWHM has 3.4, a flat tuning 1).
 6. ``curve_vs_line``: peak / max(line tuning) >= ``min_curve_vs_line`` (1.25) and ``curve_vs_angle``:
-   peak / max(angle tuning) >= ``min_curve_vs_angle`` (1.1), with as many line and angle stimuli as
-   curves, each line the least-squares fit of one arc: a unit that likes straight lines as much fails.
+   peak / max(angle tuning) >= ``min_curve_vs_angle`` (1.0), with as many line and angle stimuli as
+   curves, each line the least-squares fit of one arc: a unit that likes straight lines as much fails,
+   and one that likes a corner more. (A corner of 60-120 degrees is a coarse curve: a drawn arc
+   template answers one at up to 0.96 of its best curve, so a margin above 1 would reject true curves.)
 7. ``split``: the two renderings (thin at the field's centre; thick, displaced by half a stride)
    each alone reach >= ``min_split_fraction`` (0.5) of the peak and prefer orientations within
    ``max_split_shift`` (22.5) degrees of each other: the tuning is a property of the unit, not of one
@@ -152,7 +154,7 @@ def curve_detectors(
     min_half_width: float = 10.0,
     min_peak_to_mean: float = 2.5,
     min_curve_vs_line: float = 1.25,
-    min_curve_vs_angle: float = 1.1,
+    min_curve_vs_angle: float = 1.0,
     min_relative_peak: float = 0.25,
     min_split_fraction: float = 0.5,
     max_split_shift: float = 22.5,

@@ -191,7 +191,7 @@ def test_curve_section__counts_stand_beside_their_nulls(tmp_path):
         held = HeldOut(images, extractor(images), "conv2d2")
     sae = build_sae("relu", extractor.d_in, expansion=1)
     cfg = OmegaConf.create({"orientations": 16, "batch_size": 64, "n_plot": 2, "criterion": {}, "jitter": None,
-                            "scale_k": 2, "null": {"directions": True, "random_weights": True, "alpha": 0.05,
+                            "scale_k": 2, "nulls": {"directions": True, "random_weights": True, "alpha": 0.05,
                                                    "seed": 0}})
     section = curve_section(extractor, sae, tmp_path, cfg, held, weights="lucid")
     metrics = section.metrics

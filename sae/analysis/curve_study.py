@@ -156,7 +156,7 @@ def build_families(extractor, sae, images: Tensor, acts: Tensor, scans: dict | N
 
     images (N, 3, S, S) uint8 and acts (N, C, h, w): the held-out images and their activations."""
     criterion = dict(cfg.get("criterion") or {})
-    null_cfg = cfg.get("null") or {}
+    null_cfg = cfg.get("nulls") or {}
     k, seed = int(cfg.get("scale_k", 5)), int(null_cfg.get("seed", 0))
     probe = Probe.build(extractor, int(cfg.orientations), int(cfg.batch_size), cfg.get("jitter"))
     scans = scans or {}
@@ -223,7 +223,7 @@ def curve_section(extractor, sae, out: Path, cfg: Any, held, scans: dict | None 
         "criterion": {**families["features"].report.criterion,
                       "failures": {name: f.report.failures() for name, f in families.items()}},
         "n_units": n_units,
-        **curve_metrics(families, n_units, float((cfg.get("null") or {}).get("alpha", 0.05))),
+        **curve_metrics(families, n_units, float((cfg.get("nulls") or {}).get("alpha", 0.05))),
     }
     reports = {kind: families[kind].report for kind in ("neurons", "features")}
     known = curves.KNOWN_CURVE_NEURONS.get(extractor.layer, [])

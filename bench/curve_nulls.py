@@ -57,9 +57,10 @@ def measure_network(layer: str, images: torch.Tensor, seed: int, densities, n_di
     acts = extract(extractor, images)
     probe = curve_study.Probe.build(extractor, orientations=orientations, batch_size=64)
     families = {"neurons": curve_study.neuron_family(probe, acts)}
-    for density in densities:
+    for i, density in enumerate(densities):  # independent directions for every density and network
         matched = torch.full((n_directions,), float(density))
-        families[f"random_directions_{density:g}"] = curve_study.direction_family(probe, acts, matched, seed=seed)
+        families[f"random_directions_{density:g}"] = curve_study.direction_family(probe, acts, matched,
+                                                                                 seed=100 * seed + i)
     if sae_run is not None:
         from sae.analysis.evaluation import load_run
 

@@ -166,14 +166,15 @@ def test_planted_recovery__counts_features_neurons_and_false_positives():
         pure_channel=[0, None, None, None])
     W_dec = torch.stack([eye[0], (eye[1] + eye[2]) / 2**0.5, (eye[3] + 0.9 * eye[4]), eye[5], eye[2]])
     features = _report([True, True, True, False, True], [1.0, 93.0, 200.0, 0.0, 10.0])
-    neurons = _report([True, False, False, True, False, False], [2.0] + [0.0] * 5)
+    neurons = _report([True, True, False, True, False, True], [2.0] + [0.0] * 5)
     result = planted_recovery(truth, W_dec, features, neurons)
     assert result["n_planted"] == 3 and result["n_pure"] == 1
     assert result["recovered_by_neurons"] == 1
     assert result["recovered_by_features"] == 2  # 0 and 90; 180 is matched but 20 degrees off
     assert result["recovered_by_features_not_by_neurons"] == 1 and result["n_not_covered_by_neurons"] == 2
     assert result["false_positive_features"] == 1  # feature 4 matches no planted curve
-    assert result["false_positive_neurons"] == 1  # channel 3 is no planted curve's pure channel
+    assert result["false_positive_neurons"] == 1  # channel 5 carries no planted curve (only the line)
+    assert result["passing_mixed_neurons"] == 2  # channels 1 and 3 mix planted curves: not false positives
     overlay = wheel_overlay(result)
     assert overlay["planted"].tolist() == [0.0, 90.0, 180.0] and overlay["features"].tolist() == [0.0, 90.0]
 

@@ -9,8 +9,10 @@ is recovered
   degrees) of the planted one;
 * by the neurons when it has a pure channel and that channel passes with the right orientation.
 
-False positives are passing units matched to no planted curve (a feature whose decoder row is within
-cos 0.9 of none; a neuron that is no planted curve's pure channel).
+False positives are passing units matched to no planted curve: a feature whose decoder row is within
+cos 0.9 of none; a neuron that carries no planted curve at all (weight below ``min_share`` = 0.1 in every
+planted curve's direction). Neurons that mix a planted curve into a polysemantic channel and pass are
+counted apart (``passing_mixed_neurons``): they do respond to that curve.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _curve_rows(truth) -> np.ndarray:
 
 
 def planted_recovery(truth, W_dec: Tensor, features: CurveReport, neurons: CurveReport, min_cos: float = 0.9,
-                     max_error: float = 360.0 / 64) -> dict[str, Any]:
+                     max_error: float = 360.0 / 64, min_share: float = 0.1) -> dict[str, Any]:
     """curves.planted: how many planted curves the SAE features and the pure neurons recover (module doc).
 
     W_dec (d_sae, C): the SAE's decoder rows in the layer's channel space."""
@@ -74,7 +76,9 @@ def planted_recovery(truth, W_dec: Tensor, features: CurveReport, neurons: Curve
     uncovered = np.array([c is None for c in pure]) | ~by_neuron
     matched = (cos > min_cos).any(0)  # features within cos min_cos of some planted curve
     pure_channels = {c for c in pure if c is not None}
-    false_neurons = [int(u) for u in torch.nonzero(neurons.is_curve).flatten() if int(u) not in pure_channels]
+    carries_curve = (directions.abs() >= min_share).any(0)  # (C,) channels with a planted curve in them
+    passing = [int(u) for u in torch.nonzero(neurons.is_curve).flatten() if int(u) not in pure_channels]
+    false_neurons = [u for u in passing if not bool(carries_curve[u])]
     return {
         "n_planted": int(len(rows)), "n_pure": int(sum(c is not None for c in pure)),
         "recovered_by_features": int(by_feature.sum()), "recovered_by_neurons": int(by_neuron.sum()),
@@ -82,7 +86,7 @@ def planted_recovery(truth, W_dec: Tensor, features: CurveReport, neurons: Curve
         "recovered_by_features_not_by_neurons": int((by_feature & uncovered).sum()),
         "recall_features_where_neurons_miss": float((by_feature & uncovered).sum() / max(uncovered.sum(), 1)),
         "false_positive_features": int((features.is_curve & ~matched).sum()),
-        "false_positive_neurons": len(false_neurons),
+        "false_positive_neurons": len(false_neurons), "passing_mixed_neurons": len(passing) - len(false_neurons),
         "criteria": {"min_cos": min_cos, "max_error_deg": max_error},
         "per_curve": {
             "orientation_deg": truth_orientation.tolist(), "pure_channel": pure,

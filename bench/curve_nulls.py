@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def _unit_columns(report) -> dict:
     columns = {c: getattr(report, c) for c in ("peak", "relative_peak", "half_width", "peak_sharpness",
                                                "curve_vs_line", "curve_vs_angle", "split_fraction", "split_shift")}
     columns["single_peak"] = report.single_peak.float()
-    return {c: [round(float(v), 5) if v == v else None for v in values.tolist()] for c, values in columns.items()}
+    return {c: [None if math.isnan(v) else round(float(v), 5) for v in values.tolist()] for c, values in columns.items()}
 
 
 def _random_network(layer: str, seed: int):

@@ -37,7 +37,7 @@ class Probe:
     neuron_responses: Tensor
 
     @classmethod
-    def build(cls, extractor, orientations: int = 64, batch_size: int = 64, jitter: float | None = None) -> "Probe":
+    def build(cls, extractor, orientations: int = 64, batch_size: int = 64, jitter: float | None = None) -> Probe:
         """Stimuli filling the layer's receptive field; the thick rendering displaced by ``jitter`` px
         (default half the layer's stride: the farthest a shape can be from the nearest unit's centre)."""
         layer = extractor.layer

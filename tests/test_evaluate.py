@@ -77,6 +77,8 @@ def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, i
     assert set(metrics["interpretability"]["pixel"]) == {"features", "neurons", "kmeans", "pca", "random"}
     ii = json.loads((out / "interpretability.json").read_text())
     assert ii["position"] == "centre" and ii["fit_images"] == ii["scored_images"] == 2 and not ii["in_sample"]
+    assert curves["applicable"] and {"features", "neurons"} <= set(curves["null"]) <= set(curves["verdict"]) | {
+        "gap_features_deg", "gap_neurons_and_features_deg", "gap_neurons_deg"}  # every count beside its null
     for name in ("density.png", "curves_orientations.png", "curves.csv", "interpretability.json",
                  "interpretability.png", "index.html", "neurons.html"):
         assert (out / name).is_file(), name

@@ -21,8 +21,7 @@ class StepProgress(TQDMProgressBar):
         bar.set_description("train", refresh=False)
         return bar
 
-    def on_train_epoch_start(self, trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+    def on_train_epoch_start(self, trainer, *_: Any) -> None:  # not Lightning's: it writes an "Epoch 0" bar first
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
         bar.n = bar.initial = bar.last_print_n = trainer.global_step  # a resumed run starts where it stopped

@@ -267,13 +267,33 @@ def render_stroke(theta: float, radius: float, width: float, polarity: int = 1, 
     return grey.round().to(torch.uint8).expand(1, 3, size, size)
 
 
-def _responses(net: nn.Module, step: str, images: Tensor) -> Tensor:
-    """(B, C) pre-activations of conv step ``step`` at the centre position of CALIBRATION_SIZE images."""
+def _responses(net: nn.Module, step: str, images: Tensor, everywhere: bool = False) -> Tensor:
+    """(B, C) pre-activations of conv step ``step`` at the centre position of CALIBRATION_SIZE images;
+    everywhere: (B * positions, C) at every position away from the border."""
     from .extractor import run_steps  # the extractor's own code path
 
     with torch.inference_mode():
         out = run_steps(net, ancestors(step), {INPUT: preprocess(images)})
+    if everywhere:
+        return out[:, :, 3:-3, 3:-3].permute(0, 2, 3, 1).reshape(-1, out.shape[1])
     return out[:, :, out.shape[2] // 2, out.shape[3] // 2]
+
+
+@cache
+def _photographs(size: int = 224) -> Tensor:
+    """(8, 3, size, size) uint8: scikit-image's bundled photographs (``data=sample``'s), squashed to size."""
+    import skimage.data
+
+    from sae.data.images import SAMPLE_PHOTOS
+
+    images = []
+    for name in SAMPLE_PHOTOS:
+        array = getattr(skimage.data, name)()
+        array = array[0] if isinstance(array, tuple) else array
+        array = np.repeat(array[..., None], 3, 2) if array.ndim == 2 else array[..., :3]
+        image = torch.as_tensor(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float()
+        images.append(nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True))
+    return torch.cat(images).round().clamp(0, 255).to(torch.uint8)
 
 
 def _stroke_set(theta: float, radii: tuple[float, ...]) -> Tensor:
@@ -315,9 +335,18 @@ def _calibrate(net: nn.Module) -> None:
     r = r[torch.arange(per_quadrant + 1), :, torch.arange(per_quadrant + 1)].double().numpy()
     representative = _symmetry_class(np.arange(N_CURVES), per_quadrant)
     curve_peak, line_peak = r[representative, :-4].max(1), r[representative, -4:].max(1)
-    _scale(net, "mixed3a_5x5", np.arange(N_CURVES), curve_peak, np.maximum(line_peak, CURVE_THRESHOLD * curve_peak))
+    # Thresholds at the same firing rate on photographs for every orientation (and above the tangent line's
+    # response): photographs hold more horizontal and vertical edges than oblique ones, which the arcs of some
+    # orientations pick up, so one threshold relative to the preferred stimulus would leave some curves silent.
+    photos = _photographs()
+    clutter = _responses(net, "mixed3a_5x5_pre_relu_conv", photos, everywhere=True)[:, :N_CURVES]
+    clutter = clutter.quantile(1 - PHOTO_FIRING, dim=0).double().numpy()
+    threshold = np.maximum(LINE_LEAK * line_peak, clutter)  # half the tangent line's drive: curves beat lines 3x+
+    _scale(net, "mixed3a_5x5", np.arange(N_CURVES), curve_peak, threshold)
     peak = _line_peaks(net, "mixed3a_3x3_pre_relu_conv")
-    _scale(net, "mixed3a_3x3", np.arange(N_EDGE), peak, LINE_THRESHOLD * peak)
+    clutter = _responses(net, "mixed3a_3x3_pre_relu_conv", photos, everywhere=True)[:, :N_EDGE]
+    clutter = clutter.quantile(1 - PHOTO_FIRING, dim=0).double().numpy()
+    _scale(net, "mixed3a_3x3", np.arange(N_EDGE), peak, clutter)
     colour = torch.stack([(127.5 + 127.5 * _tensor(c) / max(abs(v) for v in c)).round() for c in COLOURS])  # saturated
     images = colour[:, :, None, None].expand(-1, 3, CALIBRATION_SIZE, CALIBRATION_SIZE).to(torch.uint8)
     peak = _responses(net, "mixed3a_1x1_pre_relu_conv", images).diagonal()[: len(COLOURS)].double().numpy()
@@ -329,7 +358,9 @@ def _calibrate(net: nn.Module) -> None:
     _scale(net, "mixed3a_1x1", np.array([MIXED3A_TEXTURE]), np.array([peak]), np.array([TEXTURE_THRESHOLD * peak]))
 
 
-CURVE_THRESHOLD, LINE_THRESHOLD, COLOUR_THRESHOLD, TEXTURE_THRESHOLD = 0.3, 0.3, 0.4, 0.4
+COLOUR_THRESHOLD, TEXTURE_THRESHOLD = 0.4, 0.4
+LINE_LEAK = 0.5
+PHOTO_FIRING = 0.02  # each curve and line detector fires on this fraction of the sample photographs' positions
 
 
 # ---------------------------------------------------------------------------------------------- mixed3b

@@ -23,7 +23,9 @@ from omegaconf import DictConfig
 
 from callbacks.preemption import PreemptionCheckpoint
 from sae.hostmem import reuse_freed_host_memory
-from sae.launch import build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config
+from sae.launch import (
+    build_callbacks, build_logger, check_writable, close_logger, random_weights, run_config, write_planted_truth,
+)
 from sae.nn.io import atomic_write_bytes
 from sae.train.guards import CheckpointError, ResumeMismatchError, SafeCheckpointIO, load_checkpoint_file
 
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path is not None:
         check_resume(ckpt_path, module, datamodule)
     atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_planted_truth(cfg, out_dir)
     logger = build_logger(cfg)
     preemption = PreemptionCheckpoint()
     try:

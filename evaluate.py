@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, load_run
 from sae.launch import check_writable, wandb_has_credentials
+from sae.model.planted import PLANTED_LAYERS, planted_truth
 
 log = logging.getLogger("sae")
 WANDB_PROJECT = "inception-sae"
@@ -109,6 +110,8 @@ def evaluate_one(cfg: DictConfig, run_dir: Path | None = None, ckpt: str | None 
     torch.manual_seed(int(cfg.seed))
     extractor, images = build_extractor_and_images(cfg, run)
     log.info("evaluating %s (%s, %d held-out images) into %s", run.source, run.layer, images.shape[0], out)
+    if run.meta.get("model_weights") == "planted" and run.layer in PLANTED_LAYERS:
+        planted_truth(run.layer).save(out / "planted_truth.json")  # the known answer, next to the metrics
     result = evaluate_run(run, extractor, images, out, cfg.eval)
     log.info("wrote %s; open %s", out / "metrics.json", out / "index.html")
     log_to_wandb(cfg, run, out, result.metrics, result.files)

@@ -73,6 +73,19 @@ def wandb_run_id(run_dir: Path | None) -> str | None:
     return found[-1].rsplit("-", 1)[1] if found else None  # DATE_TIME-ID: the newest date wins
 
 
+def numeric_leaves(metrics: dict, prefix: str = "") -> dict:
+    """Nested metrics -> {"section/a/b": number}: every number (booleans as 0/1, e.g. curves/above_null/*),
+    leaving out lists and the criterion's settings."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("criterion", "per_curve", "known_curve_neurons"):
+            flat.update(numeric_leaves(value, name + "/"))
+        elif isinstance(value, (int, float)) and prefix:
+            flat[name] = int(value) if isinstance(value, bool) else value
+    return flat
+
+
 def log_to_wandb(cfg: DictConfig, run: LoadedRun, out: Path, metrics: dict, files: list[str]) -> None:
     """Log metrics and figures to the run's W&B run (resumed by id), or a new one in wandb_group."""
     run_id = wandb_run_id(run.directory)
@@ -89,11 +102,7 @@ def log_to_wandb(cfg: DictConfig, run: LoadedRun, out: Path, metrics: dict, file
     try:
         wb = wandb.init(project=project, dir=str(run.directory or out), mode="offline" if offline else "online",
                         **where)
-        flat = {}
-        for section, values in metrics.items():
-            for key, value in (values.items() if isinstance(values, dict) else []):
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    flat[f"eval/{section}/{key}"] = value
+        flat = {f"eval/{key}": value for key, value in numeric_leaves(metrics).items()}
         flat.update({f"eval/{name}": wandb.Image(str(out / name)) for name in files if name.endswith(".png")})
         wb.log(flat)
         wb.summary.update({k: v for k, v in flat.items() if not hasattr(v, "image")})

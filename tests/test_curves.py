@@ -60,7 +60,7 @@ def line_kernel(theta_deg: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def stimuli():
-    return curve_stimuli(K)
+    return curve_stimuli(K, jitter=0.5)  # half the stride of a stride-1 convolution, as the evaluation does
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,10 @@ def drawn_report(stimuli):
 def test_curve_stimuli__kinds_orientations_and_uint8_images(stimuli):
     n_orient = 64
     curves, lines, angles = (int((stimuli.kind == k).sum()) for k in ("curve", "line", "angle"))
-    assert (curves, lines, angles) == (n_orient * 4 * 2 * 2, n_orient * 2 * 2, n_orient * 3 * 2 * 2)
+    # As many stimuli per kind (4 radii / fitted lines / openings x 2 renderings x 2 polarities): a max over
+    # more stimuli would be larger by chance alone.
+    assert curves == lines == angles == n_orient * 4 * 2 * 2
+    assert set(stimuli.rendering.tolist()) == {0, 1}
     assert stimuli.images.shape == (len(stimuli), 3, K, K) and stimuli.images.dtype == torch.uint8
     assert torch.allclose(stimuli.orientations, torch.arange(n_orient) * 360.0 / n_orient)
     assert float(stimuli.orientation.min()) == 0 and float(stimuli.orientation.max()) < 360
@@ -82,7 +85,8 @@ def test_curve_stimuli__kinds_orientations_and_uint8_images(stimuli):
     dark = stimuli.images[torch.from_numpy(stimuli.kind == "curve") & (stimuli.polarity == 1)]
     assert int(dark[:, :, 0, 0].min()) == 255 and int(dark.flatten(1).min(1).values.max()) == 0  # ink on white
     centre = int((K - 1) / 2)
-    assert (stimuli.images[:, 0, centre, centre] != stimuli.images[:, 0, 0, 0]).all()  # every shape passes the centre
+    centred = torch.from_numpy(stimuli.kind != "line") & (stimuli.rendering == 0)
+    assert (stimuli.images[centred, 0, centre, centre] != stimuli.images[centred, 0, 0, 0]).all()  # through the centre
 
 
 @pytest.mark.parametrize("theta, direction", [(0.0, (0, -1)), (90.0, (1, 0)), (180.0, (0, 1)), (270.0, (-1, 0))])
@@ -132,6 +136,7 @@ def test_radial_tuning__is_the_max_over_radius_width_and_polarity(stimuli):
     last_curve_per_orientation = responses[curve][-64:, 0]  # the last radius/width/polarity block
     assert torch.equal(tuning.curve[0], last_curve_per_orientation)
     assert tuning.curve_by_radius.shape == (2, 4, 64) and tuning.line.shape == tuning.angle.shape == (2, 64)
+    assert tuning.curve_by_rendering.shape == (2, 2, 64)
 
 
 def test_orientation_gap__hand_made_sets():

@@ -1,40 +1,34 @@
-"""Curve detectors (Cammarata et al. 2020, "Curve Detectors", Distill; as used by Gorton 2024).
+"""Curve stimuli and tuning (Cammarata et al. 2020, "Curve Detectors", Distill; as used by Gorton 2024).
 
 Stimuli
 -------
 ``curve_stimuli`` draws, anti-aliased on a flat background, three kinds of shape through one centre
-point, each at ``orientations`` evenly spaced orientations:
+point, each at ``orientations`` evenly spaced orientations and in the SAME number of conditions per
+kind (a maximum over more stimuli is larger by chance alone, so the curve-vs-control ratios compare
+like with like):
 
 * "curve": an arc of a circle of radius ``r`` and length ``length`` whose midpoint is the centre and
   whose convex side faces the orientation (at most a semicircle, so a small radius still has one
-  clear direction). Several radii, line widths and both polarities.
-* "line": the straight segment tangent to that arc at the centre (the limit r -> infinity), the
-  control for orientation-selective units that ignore curvature.
-* "angle": two straight arms meeting at the centre, the corner pointing the same way, at several
-  openings; the control for units that want a corner rather than a smooth bend.
+  clear direction). Conditions: radius x polarity x rendering.
+* "line": for each curve radius, the arc's least-squares straight fit: a segment of the same length
+  parallel to the arc's tangent at the centre, moved towards the concave side by the arc's mean depth
+  r (1 - sin(h) / h) (h the half-angle). The control for orientation-selective units that ignore
+  curvature; one line per curve condition.
+* "angle": two straight arms meeting at the centre, the corner pointing the same way, at
+  len(radii) openings (one per curve radius); the control for units that want a corner.
+
+A "rendering" is a stroke width and a displacement of the whole shape: the default draws every
+shape thin at the receptive-field centre and thick displaced by ``jitter`` px in x and y (half the
+layer's stride in the evaluation: the farthest a shape can sit from the nearest grid unit's centre).
+The criterion asks that both renderings give the same tuning (`sae.analysis.curve_criterion`).
 
 Orientation convention: degrees in [0, 360), counter-clockwise as seen on screen, 0 = the curve bulges
 to the right (+x), 90 = it bulges upwards (-y in image rows).
 
 Responses are read at the one grid position whose receptive field is centred on the stimuli
-(``stimulus_size`` picks an image size whose centre is exactly such a centre).
-
-Criterion (``curve_detectors``)
--------------------------------
-Let t(theta) be a unit's curve tuning (max over radius, width and polarity), rectified at 0 (a unit
-"fires" only when positive), and peak = max t. A unit is a curve detector when all of:
-
-1. peak > ``min_peak`` (default 0): it responds to some curve at all;
-2. single peak: the orientations where t >= peak / 2 form ONE contiguous arc of the circle, so a
-   line or edge unit (two lobes 180 degrees apart) fails;
-3. half-width at half-maximum <= ``max_half_width`` (default 45 degrees): a sharp peak. Curve
-   neurons tile the circle about every 36 degrees (10 in mixed3b), so a family member's half-width
-   is of that order; 45 degrees admits them and rejects broadly tuned units;
-4. peak-to-mean ratio peak / mean(t) >= ``min_peak_to_mean`` (default 2.5; a von Mises bump with a
-   45 degree half-width has 3.4, a flat curve 1): the response is concentrated in the peak;
-5. curve_vs_line = peak / max(line tuning) >= ``min_curve_vs_line`` (default 1.25) and
-   curve_vs_angle = peak / max(angle tuning) >= ``min_curve_vs_angle`` (default 1.1): curves beat
-   their straight and cornered controls by a margin (an edge or line unit prefers the line).
+(``stimulus_size`` picks an image size whose centre is exactly such a centre). ``not_applicable``
+says when a layer's receptive field is too small to hold a curve at all. The criterion itself is in
+`sae.analysis.curve_criterion` (re-exported here).
 """
 
 from __future__ import annotations
@@ -62,9 +56,10 @@ class CurveStimuli:
 
     images (n, 3, size, size) uint8 (the three channels are one expanded view, so it costs n*size^2
     bytes); orientation (n,) float degrees in [0, 360); orientation_index (n,) long into
-    ``orientations``; radius (n,) px (inf for lines, nan for angles); width (n,) px; polarity (n,) int
-    (+1 dark ink on white, -1 white ink on black); opening (n,) degrees (nan except angles);
-    kind (n,) numpy str array of "curve" | "line" | "angle"; center (y, x) in pixel coordinates.
+    ``orientations``; radius (n,) px (curves: the arc's; lines: the radius of the arc they fit; nan for
+    angles); width (n,) px; rendering (n,) long (which width/displacement); polarity (n,) int (+1 dark
+    ink on white, -1 white ink on black); opening (n,) degrees (nan except angles); kind (n,) numpy str
+    array of "curve" | "line" | "angle"; center (y, x) of the undisplaced shapes in pixel coordinates.
     """
 
     images: Tensor
@@ -77,6 +72,7 @@ class CurveStimuli:
     kind: np.ndarray
     orientations: Tensor
     center: tuple[float, float]
+    rendering: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -99,6 +95,26 @@ def receptive_field_center(layer: str, size: int) -> tuple[float, float]:
     _, rows, _ = layer_shape(layer, size)
     i = min(max(round(((size - 1) / 2 - rf.offset) / rf.stride), 0), rows - 1)
     return (rf.offset + i * rf.stride,) * 2
+
+
+MIN_SAGITTA_PX = 2.0
+
+
+def not_applicable(layer: str) -> str | None:
+    """Why curve detectors cannot be asked of ``layer``, or None when they can.
+
+    The stimuli fill the receptive field (side S = stimulus_size(layer)): arcs of length S/2. The middle
+    radius 0.3 S bows r (1 - cos(L / 2r)) ~ 0.1 S away from its tangent line; below MIN_SAGITTA_PX (2 px)
+    an anti-aliased 1-2 px stroke of that arc is a line with a blur, and no unit can tell the two apart
+    (conv2d0: 7 px, conv2d1: 15 px fields)."""
+    size = stimulus_size(layer)
+    r, length = 0.3 * size, size / 2
+    sagitta = r * (1 - math.cos(min(length / (2 * r), math.pi / 2)))
+    if sagitta >= MIN_SAGITTA_PX:
+        return None
+    return (f"the receptive field of {layer} ({receptive_field(layer).size} px) is too small to hold a curve: a "
+            f"stimulus arc bows {sagitta:.1f} px from a straight line (need {MIN_SAGITTA_PX:g}); curves are "
+            "first asked of conv2d2")
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -150,18 +166,23 @@ def curve_ink(size: int, theta_deg: float, radius: float, width: float, length: 
 
 
 def _shape_distances(size: int, grid: Tensor, radii, length: float, openings, center: tuple[float, float]) -> list:
-    """[(distance to the shape (n_orient, S, S), kind, radius, opening)] for every curve radius, the line
-    and every angle opening, at the orientations ``grid`` (degrees)."""
+    """[(distance to the shape (n_orient, S, S), kind, radius, opening)] for every curve radius, its fitted
+    line, and every angle opening, at the orientations ``grid`` (degrees), centred on ``center`` (y, x)."""
     cy, cx = center
     theta = torch.deg2rad(grid).view(-1, 1, 1)
     px, py = _pixel_grid(size)
+    ux, uy = _unit(theta)  # towards the bulge
+    tx, ty = _unit(theta + math.pi / 2)  # along the tangent
+    half = length / 2
     shapes = []
     for r in radii:
         shapes.append((_arc_distance(px, py, cy, cx, theta, torch.full_like(theta, r), length), "curve", r, math.nan))
-    tx, ty = _unit(theta + math.pi / 2)
-    half = length / 2
-    shapes.append((_segment_distance(px, py, cx - half * tx, cy - half * ty, cx + half * tx, cy + half * ty),
-                   "line", math.inf, math.nan))
+    for r in radii:  # each arc's least-squares straight fit: same length, moved back by the arc's mean depth
+        h = min(length / (2 * r), math.pi / 2)
+        depth = r * (1 - math.sin(h) / h)
+        mx, my = cx - depth * ux, cy - depth * uy
+        shapes.append((_segment_distance(px, py, mx - half * tx, my - half * ty, mx + half * tx, my + half * ty),
+                       "line", r, math.nan))
     for opening in openings:
         arms = []
         for sign in (1, -1):
@@ -169,6 +190,12 @@ def _shape_distances(size: int, grid: Tensor, radii, length: float, openings, ce
             arms.append(_segment_distance(px, py, cx, cy, cx + half * ax, cy + half * ay))
         shapes.append((torch.minimum(*arms), "angle", math.nan, float(opening)))
     return shapes
+
+
+def _renderings(size: int, widths, jitter: float) -> list[tuple[float, float]]:
+    """[(width, displacement px in y and x)]: the k-th width is displaced by k * jitter."""
+    widths = [float(w) for w in (widths if widths is not None else [max(1.0, size / 48), max(2.0, size / 24)])]
+    return [(w, k * float(jitter)) for k, w in enumerate(widths)]
 
 
 def curve_stimuli(
@@ -179,13 +206,16 @@ def curve_stimuli(
     polarities: Sequence[int] = (1, -1),
     center: tuple[float, float] | None = None,
     length: float | None = None,
-    openings: Sequence[float] = (60.0, 90.0, 120.0),
+    openings: Sequence[float] | None = None,
+    jitter: float = 0.0,
 ) -> CurveStimuli:
-    """Curves, lines and angles at ``orientations`` orientations, centred on ``center`` (y, x).
+    """Curves, fitted lines and angles at ``orientations`` orientations, centred on ``center`` (y, x).
 
     Defaults scale with ``size`` (pick it with ``stimulus_size(layer)`` so the shapes fill the unit's
     receptive field): length = size / 2, radii = size * (0.08, 0.15, 0.3, 0.6) px, widths =
-    (size / 48, size / 24) px but at least (1, 2). center defaults to the image centre.
+    (size / 48, size / 24) px but at least (1, 2), one angle opening per radius, evenly from 60 to 120
+    degrees. The k-th width is drawn displaced by k * ``jitter`` px in y and x. center defaults to the
+    image centre.
     """
     if orientations < 8:
         raise ValueError(f"orientations={orientations}: need at least 8 to locate a tuning peak (64 is standard).")
@@ -193,36 +223,38 @@ def curve_stimuli(
         raise ValueError(f"polarities={tuple(polarities)}: use 1 (dark on white) and/or -1 (white on black).")
     length = float(length if length is not None else size / 2)
     radii = tuple(float(r) for r in (radii if radii is not None else [size * f for f in (0.08, 0.15, 0.3, 0.6)]))
-    widths = tuple(float(w) for w in (widths if widths is not None else [max(1.0, size / 48), max(2.0, size / 24)]))
-    if min(radii) <= 0 or min(widths) <= 0 or length <= 0:
+    openings = tuple(openings if openings is not None else np.linspace(60.0, 120.0, len(radii)).tolist())
+    renderings = _renderings(size, widths, jitter)
+    if min(radii) <= 0 or min(w for w, _ in renderings) <= 0 or length <= 0:
         raise ValueError(f"radii {radii}, widths {widths} and length {length} must be positive (pixels).")
     cy, cx = center if center is not None else ((size - 1) / 2,) * 2
     grid = torch.arange(orientations, dtype=torch.float32) * (360.0 / orientations)
-    shapes = _shape_distances(size, grid, radii, length, openings, (cy, cx))
-    images, columns = [], {k: [] for k in ("index", "radius", "width", "polarity", "opening", "kind")}
-    for distance, kind, radius, opening in shapes:
-        for width in widths:
+    images, columns = [], {k: [] for k in ("index", "radius", "width", "polarity", "opening", "rendering", "kind")}
+    for rendering, (width, shift) in enumerate(renderings):
+        for distance, kind, radius, opening in _shape_distances(size, grid, radii, length, openings,
+                                                               (cy + shift, cx + shift)):
             ink = _ink(distance, width)
             for polarity in polarities:
                 grey = 255.0 * (1 - ink) if polarity == 1 else 255.0 * ink
                 images.append(grey.round().to(torch.uint8))
-                for key, value in (("radius", radius), ("width", width), ("polarity", polarity), ("opening", opening)):
+                for key, value in (("radius", radius), ("width", width), ("polarity", polarity),
+                                   ("opening", opening), ("rendering", rendering)):
                     columns[key].append(torch.full((orientations,), value, dtype=torch.float32))
                 columns["index"].append(torch.arange(orientations))
                 columns["kind"] += [kind] * orientations
-    grey = torch.cat(images)
     index = torch.cat(columns["index"])
     return CurveStimuli(
-        images=grey.unsqueeze(1).expand(-1, 3, -1, -1),
-        orientation=grid.float()[index],
+        images=torch.cat(images).unsqueeze(1).expand(-1, 3, -1, -1),
+        orientation=grid[index],
         orientation_index=index,
         radius=torch.cat(columns["radius"]),
         width=torch.cat(columns["width"]),
         polarity=torch.cat(columns["polarity"]).to(torch.int8),
         opening=torch.cat(columns["opening"]),
         kind=np.array(columns["kind"]),
-        orientations=grid.float(),
+        orientations=grid,
         center=(float(cy), float(cx)),
+        rendering=torch.cat(columns["rendering"]).long(),
     )
 
 
@@ -300,7 +332,9 @@ def unit_responses(
 @dataclass(frozen=True)
 class Tuning:
     """Radial tuning curves: orientations (n_orient,) degrees; curve, line, angle (n_units, n_orient), each
-    the max over radius, width, polarity (and opening); curve_by_radius (n_units, n_radii, n_orient)."""
+    the max over the kind's conditions (radius, rendering, polarity; opening); curve_by_radius (n_units,
+    n_radii, n_orient); curve_by_rendering (n_units, n_renderings, n_orient): the curve tuning of each
+    rendering alone (None when the stimuli have one rendering)."""
 
     orientations: Tensor
     curve: Tensor
@@ -308,12 +342,25 @@ class Tuning:
     angle: Tensor
     radii: Tensor
     curve_by_radius: Tensor
+    curve_by_rendering: Tensor | None = None
 
 
 def _max_by_orientation(responses: Tensor, index: Tensor, n_orient: int) -> Tensor:
     """(n, U) responses, (n,) orientation indices -> (U, n_orient) max per orientation."""
     out = responses.new_full((responses.shape[1], n_orient), -math.inf)
     return out.scatter_reduce_(1, index.view(1, -1).expand(responses.shape[1], -1), responses.T, "amax")
+
+
+def _curve_tuning_by(responses: Tensor, stimuli: CurveStimuli, column: Tensor, is_curve: Tensor) -> tuple:
+    """(values of ``column`` among the curves, (U, n_values, n_orient) curve tuning for each value)."""
+    n_orient = len(stimuli.orientations)
+    values = torch.unique(column[is_curve])
+    stacked = torch.stack([
+        _max_by_orientation(responses[is_curve & (column == v)], stimuli.orientation_index[is_curve & (column == v)],
+                            n_orient)
+        for v in values
+    ], dim=1)
+    return values, stacked
 
 
 def radial_tuning(responses: Tensor, stimuli: CurveStimuli) -> Tuning:
@@ -329,106 +376,16 @@ def radial_tuning(responses: Tensor, stimuli: CurveStimuli) -> Tuning:
             raise ValueError(f"The stimuli have no {kind!r} shapes; make them with curve_stimuli.")
         by_kind[kind] = _max_by_orientation(responses[mask], stimuli.orientation_index[mask], n_orient)
     is_curve = torch.from_numpy(stimuli.kind == "curve")
-    radii = torch.unique(stimuli.radius[is_curve])
-    by_radius = torch.stack([
-        _max_by_orientation(responses[is_curve & (stimuli.radius == r)],
-                            stimuli.orientation_index[is_curve & (stimuli.radius == r)], n_orient)
-        for r in radii
-    ], dim=1)
-    return Tuning(stimuli.orientations.clone(), by_kind["curve"], by_kind["line"], by_kind["angle"], radii, by_radius)
+    radii, by_radius = _curve_tuning_by(responses, stimuli, stimuli.radius, is_curve)
+    by_rendering = None
+    if stimuli.rendering is not None and len(torch.unique(stimuli.rendering)) > 1:
+        by_rendering = _curve_tuning_by(responses, stimuli, stimuli.rendering, is_curve)[1]
+    return Tuning(stimuli.orientations.clone(), by_kind["curve"], by_kind["line"], by_kind["angle"], radii,
+                  by_radius, by_rendering)
 
 
-# ------------------------------------------------------------------------------------------ criterion
-@dataclass(frozen=True)
-class CurveReport:
-    """Per unit (n_units,): is_curve, preferred_orientation (degrees; NaN for a unit silent to every curve),
-    half_width (degrees, HWHM),
-    peak_sharpness (peak-to-mean ratio), curve_vs_line, curve_vs_angle, single_peak, peak; and the
-    thresholds used (``criterion``)."""
+from sae.analysis.curve_criterion import CurveReport, curve_detectors, orientation_gap  # noqa: E402  (re-exported)
 
-    is_curve: Tensor
-    preferred_orientation: Tensor
-    half_width: Tensor
-    peak_sharpness: Tensor
-    curve_vs_line: Tensor
-    curve_vs_angle: Tensor
-    single_peak: Tensor
-    peak: Tensor
-    criterion: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def n_curve(self) -> int:
-        return int(self.is_curve.sum())
-
-
-def _half_width(t: Tensor, peak_index: Tensor, step: float) -> Tensor:
-    """Half-width at half-maximum (degrees) around each row's peak of (U, n) non-negative tuning t."""
-    n = t.shape[1]
-    level = t.gather(1, peak_index[:, None]) / 2
-    sides = []
-    for direction in (1, -1):
-        order = (peak_index[:, None] + direction * torch.arange(n)) % n
-        walk = t.gather(1, order)  # walk[:, k]: k steps from the peak
-        below = walk < level
-        below[:, 0] = False
-        first = torch.where(below.any(1), below.float().argmax(1), torch.full_like(peak_index, n))
-        inside = walk.gather(1, (first - 1).clamp(max=n - 1)[:, None])[:, 0]
-        outside = walk.gather(1, first.clamp(max=n - 1)[:, None])[:, 0]
-        fraction = ((inside - level[:, 0]) / (inside - outside).clamp_min(1e-12)).clamp(0, 1)
-        sides.append(torch.where(first < n, (first - 1 + fraction) * step, torch.full_like(fraction, 180.0)))
-    return ((sides[0] + sides[1]) / 2).clamp(max=180.0)
-
-
-def _preferred(t: Tensor, peak_index: Tensor, orientations: Tensor) -> Tensor:
-    """Peak orientation refined by a parabola through the peak and its two circular neighbours."""
-    n = t.shape[1]
-    left = t.gather(1, ((peak_index - 1) % n)[:, None])[:, 0]
-    mid = t.gather(1, peak_index[:, None])[:, 0]
-    right = t.gather(1, ((peak_index + 1) % n)[:, None])[:, 0]
-    curvature = left - 2 * mid + right
-    offset = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp(max=-1e-12), torch.zeros_like(mid))
-    return torch.remainder(orientations[peak_index] + offset.clamp(-0.5, 0.5) * (360.0 / n), 360.0)
-
-
-def curve_detectors(
-    tuning: Tuning,
-    max_half_width: float = 45.0,
-    min_peak_to_mean: float = 2.5,
-    min_curve_vs_line: float = 1.25,
-    min_curve_vs_angle: float = 1.1,
-    min_peak: float = 0.0,
-) -> CurveReport:
-    """Apply the module docstring's criterion to every unit of ``tuning``."""
-    t = tuning.curve.clamp_min(0)
-    n_units, n = t.shape
-    peak, peak_index = t.max(1)
-    above = t >= peak[:, None] / 2
-    # Contiguous arcs of the superlevel set = rising edges around the circle (an all-True set is one arc).
-    rising = (above & ~above.roll(1, dims=1)).sum(1)
-    single_peak = (rising == 1) | above.all(1)
-    half_width = _half_width(t, peak_index, 360.0 / n)
-    ratio = lambda a, b: torch.where(b > 0, a / b.clamp_min(1e-30), torch.where(a > 0, math.inf, math.nan))  # noqa: E731
-    sharpness = ratio(peak, t.mean(1))
-    vs_line = ratio(peak, tuning.line.clamp_min(0).max(1).values)
-    vs_angle = ratio(peak, tuning.angle.clamp_min(0).max(1).values)
-    is_curve = (
-        (peak > min_peak) & single_peak & (half_width <= max_half_width) & (sharpness >= min_peak_to_mean)
-        & (vs_line >= min_curve_vs_line) & (vs_angle >= min_curve_vs_angle)
-    )
-    criterion = {
-        "max_half_width": max_half_width, "min_peak_to_mean": min_peak_to_mean,
-        "min_curve_vs_line": min_curve_vs_line, "min_curve_vs_angle": min_curve_vs_angle, "min_peak": min_peak,
-    }
-    preferred = torch.where(peak > 0, _preferred(t, peak_index, tuning.orientations), math.nan)  # silent: none
-    return CurveReport(is_curve, preferred, half_width, sharpness, vs_line, vs_angle, single_peak, peak, criterion)
-
-
-def orientation_gap(orientations_deg) -> float:
-    """The largest gap (degrees) between consecutive orientations around the circle; 360 for zero or one.
-    NaNs (units without a preferred orientation) are ignored."""
-    values = np.asarray(orientations_deg, dtype=np.float64).ravel()
-    values = np.sort(np.remainder(values[~np.isnan(values)], 360.0))
-    if values.size <= 1:
-        return 360.0
-    gaps = np.diff(np.concatenate([values, values[:1] + 360.0]))
-    return float(gaps.max())
+__all__ = ["KNOWN_CURVE_NEURONS", "KINDS", "CurveReport", "CurveStimuli", "Tuning", "curve_detectors", "curve_ink",
+           "curve_stimuli", "not_applicable", "orientation_gap", "radial_tuning", "receptive_field_center",
+           "sae_responses", "stimulus_size", "unit_responses"]

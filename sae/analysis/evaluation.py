@@ -153,7 +153,7 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
     if "curves" in cfg.sections:
         from sae.analysis.studies import curve_section
 
-        timed("curves", lambda: curve_section(extractor, sae, out, cfg.curves))
+        timed("curves", lambda: curve_section(extractor, sae, out, cfg.curves, held, scans, weights, run.directory))
     if "interpretability" in cfg.sections:
         from sae.analysis.studies import interpretability_section
 

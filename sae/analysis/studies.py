@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,84 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.analysis import curves, examples
+from sae.analysis import examples
 from sae.analysis.interpretability import (
     build_distance, interpretability_index, interpretability_index_from_distances, pairwise_distances,
 )
 from sae.analysis.sections import HeldOut, Section, finite_list, save_figure, scan, to_rows, write_json
 from sae.model import WeightsUnavailableError
 from sae.nn import SparseAutoencoder
-from sae.nn.io import atomic_write_bytes
 
 log = logging.getLogger("sae.evaluate")
 
-CURVE_COLUMNS = ("is_curve", "preferred_orientation", "half_width", "peak_sharpness", "curve_vs_line",
-                 "curve_vs_angle", "peak")
-
 
 # -- 3. curve detectors ---------------------------------------------------------------------------------
-def curve_section(extractor, sae: SparseAutoencoder, out: Path, cfg: Any) -> Section:
-    """Tuning of every neuron and SAE feature to curves, lines and angles centred on the centre unit's field."""
-    from sae.analysis import curve_plots
+def curve_section(extractor, sae: SparseAutoencoder, out: Path, cfg: Any, held: HeldOut,
+                  scans: dict[str, examples.ActivationScan] | None = None, weights: str = "unknown",
+                  run_dir: Path | None = None) -> Section:
+    """Curve detectors among the neurons and SAE features, each count beside its null (`sae.analysis.curve_study`)."""
+    from sae.analysis.curve_study import curve_section as section
 
-    layer = extractor.layer
-    stimuli = curves.curve_stimuli(curves.stimulus_size(layer), orientations=int(cfg.orientations))
-    neuron_responses = curves.unit_responses(extractor, None, stimuli, batch_size=int(cfg.batch_size))
-    responses = {"neurons": neuron_responses, "features": curves.sae_responses(sae, neuron_responses)}
-    tunings = {kind: curves.radial_tuning(r, stimuli) for kind, r in responses.items()}
-    reports = {kind: curves.curve_detectors(t, **dict(cfg.criterion or {})) for kind, t in tunings.items()}
-    curve_orientation = {kind: r.preferred_orientation[r.is_curve].numpy() for kind, r in reports.items()}
-    known = curves.KNOWN_CURVE_NEURONS.get(layer, [])
-    metrics = {
-        "n_stimuli": len(stimuli), "orientations": int(cfg.orientations),
-        "criterion": reports["features"].criterion,
-        "n_units": {kind: int(r.is_curve.numel()) for kind, r in reports.items()},
-        "n_curve_features": reports["features"].n_curve, "n_curve_neurons": reports["neurons"].n_curve,
-        "gap_neurons_deg": curves.orientation_gap(curve_orientation["neurons"]),
-        "gap_neurons_and_features_deg": curves.orientation_gap(
-            np.concatenate([curve_orientation["neurons"], curve_orientation["features"]])),
-        "gap_features_deg": curves.orientation_gap(curve_orientation["features"]),
-    }
-    if known:
-        metrics["known_curve_neurons"] = {
-            str(n): {"is_curve": bool(reports["neurons"].is_curve[n]),
-                     "preferred_orientation": float(reports["neurons"].preferred_orientation[n])} for n in known}
-        metrics["gap_known_neurons_deg"] = curves.orientation_gap(reports["neurons"].preferred_orientation[known].numpy())
-    section = Section(metrics)
-    known_orientations = {n: float(reports["neurons"].preferred_orientation[n]) for n in known}
-    wheel = curve_plots.orientation_wheel(curve_orientation["neurons"], curve_orientation["features"],
-                                          known=known_orientations or None)
-    section.files.append(save_figure(wheel, out / "curves_orientations.png"))
-    for kind, tuning in tunings.items():
-        units = _strongest_curves(reports[kind], int(cfg.n_plot), known if kind == "neurons" else [])
-        if units:
-            labels = [f"{kind[:-1]} {u}" for u in units]
-            figure = curve_plots.tuning_figure(tuning, units, labels)
-            section.files.append(save_figure(figure, out / f"curves_tuning_{kind}.png"))
-    section.files.append(_write_curve_table(reports, out / "curves.csv"))
-    for kind, report in reports.items():
-        section.units[kind] = {"tuning": tunings[kind].curve.numpy(),
-                               **{c: getattr(report, c).numpy() for c in CURVE_COLUMNS}}
-    return section
-
-
-def _strongest_curves(report, n: int, first: list[int]) -> list[int]:
-    """Up to n units to plot: `first` (e.g. the known curve neurons), then curve units by peak response."""
-    detected = torch.nonzero(report.is_curve).flatten()
-    order = detected[report.peak[detected].argsort(descending=True)].tolist()
-    return list(dict.fromkeys([*first, *order]))[:n]
-
-
-def _write_curve_table(reports: dict, path: Path) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["kind", "unit", *CURVE_COLUMNS])
-    for kind, report in reports.items():
-        columns = [getattr(report, c).tolist() for c in CURVE_COLUMNS]
-        for unit, values in enumerate(zip(*columns)):
-            writer.writerow([kind[:-1], unit, *[int(v) if isinstance(v, bool) else f"{v:.6g}" for v in values]])
-    atomic_write_bytes(path, buffer.getvalue().encode())
-    return path.name
+    return section(extractor, sae, out, cfg, held, scans, weights, run_dir)
 
 
 # -- 4. interpretability index --------------------------------------------------------------------------

@@ -114,3 +114,16 @@ def test_planted_truth__json_round_trip(layer):
 def test_planted_truth__other_layers_are_refused():
     with pytest.raises(ValueError, match="mixed3b"):
         planted_truth("mixed4a")
+
+
+def test_planted_conv2d2__line_channels_prefer_lines_at_their_planted_normal(net):
+    size = 2 * stimulus_size("conv2d2") + 1
+    stimuli = curve_stimuli(size, radii=[size * 0.3], widths=[2.0], polarities=(1,), openings=(90.0,))
+    truth = planted_truth("conv2d2")
+    lines = [i for i, kind in enumerate(truth.kind) if kind == "line"]
+    responses = unit_responses(InceptionExtractor("conv2d2", net=net), None, stimuli,
+                               units=[truth.pure_channel[i] for i in lines])
+    tuning = radial_tuning(responses, stimuli).line.numpy()  # a line at theta has its normal at theta
+    preferred = tuning.argmax(1) * (360.0 / tuning.shape[1]) % 180.0
+    errors = np.abs((preferred - truth.orientation_deg[lines] + 90.0) % 180.0 - 90.0)
+    assert errors.max() <= BIN, errors

@@ -15,7 +15,9 @@ Construction (every layer up to mixed3b; the rest of the network keeps its seede
   arc of orientation energy: samples of an arc of radius ``CURVE_RADIUS`` are splatted bilinearly over the 5x5
   grid and interpolated linearly across the 16 orientation channels, minus the tangent line's template (so
   curves beat lines) and a threshold; 16 line detectors in the 3x3 branch (64-79), 8 colour detectors and one
-  texture (edge-density) detector in the 1x1 branch (0-8). Each is scaled to respond 1 to its preferred stimulus.
+  texture (edge-density) detector in the 1x1 branch (0-8). Thresholds are set from responses to the preferred
+  stimuli and from firing rates on scikit-image's sample photographs; each feature is then scaled so that its
+  mean activation where it fires on those photographs is 1.
 * mixed3b: the 1x1 branch is a non-negative mixing of those mixed3a channels with zero bias, so channels
   0-127 are exactly a linear superposition of the planted features: ``PURE_CURVES`` (10 orientations covering
   half the circle) get a channel each, the other 22 curves, the 16 lines, 8 colours and the texture detector
@@ -318,7 +320,8 @@ def _line_peaks(net: nn.Module, step: str) -> np.ndarray:
 
 
 def _scale(net: nn.Module, name: str, channels: np.ndarray, peak: np.ndarray, threshold: np.ndarray) -> None:
-    """Channels of ``name``: subtract threshold, then scale so the preferred stimulus gives 1."""
+    """Channels of ``name``: subtract threshold, then scale so the preferred stimulus gives 1 (``_equalize`` then
+    rescales them to their natural-image scale)."""
     conv = getattr(net, f"{name}_pre_relu_conv")
     channels = torch.as_tensor(channels, dtype=torch.long)
     gain = 1.0 / (peak - threshold)
@@ -356,6 +359,30 @@ def _calibrate(net: nn.Module) -> None:
     texture = nn.functional.interpolate(blocks, scale_factor=3)[..., :CALIBRATION_SIZE, :CALIBRATION_SIZE]
     peak = float(_responses(net, "mixed3a_1x1_pre_relu_conv", texture.expand(-1, 3, -1, -1).to(torch.uint8))[:, MIXED3A_TEXTURE].max())
     _scale(net, "mixed3a_1x1", np.array([MIXED3A_TEXTURE]), np.array([peak]), np.array([TEXTURE_THRESHOLD * peak]))
+    _equalize(net, photos)
+
+
+def _equalize(net: nn.Module, photos: Tensor) -> None:
+    """Every planted mixed3a feature's mean activation where it fires on the photographs becomes 1: detectors of
+    rare, low-contrast patterns (curves) then weigh as much in mixed3b's reconstruction error as colour."""
+    features = _features()
+    activations = _responses(net, "mixed3a", photos, everywhere=True)
+    for feature in features:
+        active = activations[:, feature.mixed3a_channel]
+        mean = float(active[active > 0].mean()) if (active > 0).any() else 1.0
+        branch, channel = _mixed3a_branch(feature.mixed3a_channel)
+        conv = getattr(net, f"{branch}_pre_relu_conv")
+        conv.weight.data[channel] /= mean
+        conv.bias.data[channel] /= mean
+
+
+def _mixed3a_branch(channel: int) -> tuple[str, int]:
+    """mixed3a concat channel -> (branch name, channel within it)."""
+    for branch, start, size in (("mixed3a_1x1", 0, 64), ("mixed3a_3x3", 64, 128), ("mixed3a_5x5", 192, 32),
+                                ("mixed3a_pool_reduce", 224, 32)):
+        if start <= channel < start + size:
+            return branch, channel - start
+    raise AssertionError(channel)
 
 
 COLOUR_THRESHOLD, TEXTURE_THRESHOLD = 0.4, 0.4

@@ -24,6 +24,7 @@ from sae.analysis.responses_eval import evaluate_responses, is_responses_run
 from sae.checks import BadConfigError, build_from_config
 from sae.launch import check_writable, wandb_has_credentials
 from sae.run.configs import register_configs
+from sae.model.planted import PLANTED_LAYERS, planted_truth
 
 log = logging.getLogger("sae")
 WANDB_PROJECT = "inception-sae"
@@ -147,6 +148,8 @@ def evaluate_one(cfg: DictConfig, run_dir: Path | None = None, ckpt: str | None 
     archive_previous(out)  # an earlier evaluation is kept in eval/previous/, never replaced
     write_record(out, run, described, cfg.eval)
     log.info("evaluating %s (%s, %d held-out images) into %s", run.source, run.layer, images.shape[0], out)
+    if run.meta.get("model_weights") == "planted" and run.layer in PLANTED_LAYERS:
+        planted_truth(run.layer).save(out / "planted_truth.json")  # the known answer, next to the metrics
     result = evaluate_run(run, extractor, images, out, cfg.eval)
     log.info("wrote %s; open %s", out / "metrics.json", out / "index.html")
     log_to_wandb(cfg, run, out, result.metrics, result.files)

@@ -26,6 +26,7 @@ from sae.console import configure as configure_console
 from sae.hostmem import reuse_freed_host_memory
 from sae.launch import (
     OutputDirError, build_callbacks, build_logger, check_numbers, check_writable, close_logger, run_config,
+    write_planted_truth,
 )
 from sae.nn.io import atomic_write_bytes
 from sae.run.configs import register_configs
@@ -97,6 +98,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
     if resumed_step is None or not (out_dir / "config_resolved.yaml").is_file():
         # A resume keeps the original record; its own command is in .hydra/resume-N/.
         atomic_write_bytes(out_dir / "config_resolved.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_planted_truth(cfg, out_dir)
     logger = build_logger(cfg, resumed_step)
     preemption = PreemptionCheckpoint()
     try:

@@ -321,10 +321,27 @@ class _AppendingWriter(ExperimentWriter):
 def run_config(cfg: DictConfig) -> dict:
     """The resolved config, plus what a reader must not miss (random weights)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["model_weights"] = (
-        "random" if random_weights(cfg) else ("file" if uses_inceptionv1(cfg) and cfg.model.weights else "lucid")
-    ) if uses_inceptionv1(cfg) else "n/a (precomputed vectors)"
+    if not uses_inceptionv1(cfg):
+        resolved["model_weights"] = "n/a (precomputed vectors)"
+    elif random_weights(cfg) or planted_weights(cfg):
+        resolved["model_weights"] = "random" if random_weights(cfg) else "planted"
+    else:
+        resolved["model_weights"] = "file" if cfg.model.weights else "lucid"
     return resolved
+
+
+def planted_weights(cfg: DictConfig) -> bool:
+    """Whether the run extracts from the known-answer network (model=planted, model.weights=planted)."""
+    return uses_inceptionv1(cfg) and str(cfg.model.get("weights")) == "planted"
+
+
+def write_planted_truth(cfg: DictConfig, directory: Path) -> Path | None:
+    """directory/planted_truth.json: the planted features of the run's layer (planted weights only)."""
+    from sae.model.planted import PLANTED_LAYERS, planted_truth
+
+    if not planted_weights(cfg) or cfg.layer.name not in PLANTED_LAYERS:
+        return None
+    return planted_truth(cfg.layer.name).save(Path(directory) / "planted_truth.json")
 
 
 def close_logger(logger: Any) -> None:

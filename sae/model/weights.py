@@ -9,6 +9,8 @@ Three sources, chosen explicitly and never substituted for one another:
 * ``weights=PATH``: a local state dict (``torch.save(net.state_dict())`` or
   ``.safetensors``), validated key by key and shape by shape (``WeightsError``).
 * ``pretrained=False``: lucent's default initialisation, with a WARNING.
+* ``weights="planted"``: a known-answer network, weights constructed so that conv2d2, mixed3a and mixed3b
+  hold known features (``planted.py``; ``planted_truth(layer)`` gives them). ``pretrained`` is not used.
 
 The returned module carries where its weights came from (``weights_source``)
 so that runs can record it.
@@ -40,6 +42,7 @@ WEIGHTS_URL: str = model_urls["inceptionv1"]
 DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; keeps an offline attempt from hanging
 _SOURCE_ATTR = "sae_weights_source"
 RANDOM = "random"
+PLANTED = "planted"
 
 EXPECTED_FORMAT = (
     "a state dict of lucent's InceptionV1 (keys like 'conv2d0_pre_relu_conv.weight' with shape (64, 3, 7, 7), "
@@ -62,7 +65,7 @@ def hub_cache_path() -> Path:
 
 
 def weights_source(net: nn.Module) -> str | None:
-    """"random", "file:PATH" or "hub:URL" for a net from ``load_inceptionv1``; None for any other net."""
+    """"random", "planted", "file:PATH" or "hub:URL" for a net from ``load_inceptionv1``; None for any other net."""
     return getattr(net, _SOURCE_ATTR, None)
 
 
@@ -75,7 +78,7 @@ def load_inceptionv1(pretrained: bool = True, weights: str | os.PathLike | None 
     Raises WeightsUnavailableError (pretrained weights not cached and not downloadable)
     or WeightsError (a bad ``weights`` file). Never falls back to random weights.
     """
-    if weights is not None and not pretrained:
+    if weights is not None and str(weights) != PLANTED and not pretrained:
         raise WeightsError(
             f"model.pretrained=false asks for random weights but model.weights={weights!s} asks for a file; drop one."
         )
@@ -84,7 +87,12 @@ def load_inceptionv1(pretrained: bool = True, weights: str | os.PathLike | None 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         net = InceptionV1(pretrained=False)
-    if weights is not None:
+    if str(weights) == PLANTED:
+        from .planted import plant_
+
+        plant_(net)
+        source = PLANTED
+    elif weights is not None:
         path = Path(weights).expanduser()
         _load_checked(net, read_state_dict(path), origin=str(path))
         source = f"file:{path}"

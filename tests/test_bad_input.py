@@ -21,7 +21,7 @@ from PIL import Image
 
 from sae.data import ImageSourceError, VectorFileError
 from sae.errors import user_error
-from sae.launch import OutputDirError
+from sae.run.rundir import OutputDirError
 from sae.model import WeightsError
 from sae.nn import SAEConfigError, load_sae
 from tests.helpers import REPO, assert_refused, train_with, vector_run

@@ -18,7 +18,7 @@ from sae.errors import user_error
 from sae.model import InceptionExtractor, WeightsError
 from sae.model.weights import load_inceptionv1
 from sae.nn import load_sae
-from sae.preflight import preflight
+from sae.run.preflight import preflight
 from sae.train.guards import CheckpointError, DataStatisticsError, NonFiniteLossError
 from tests.helpers import REPO, write_images
 from tests.helpers import assert_refused, train_with, vector_run

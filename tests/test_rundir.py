@@ -18,7 +18,7 @@ import yaml
 
 from sae.nn import build_sae, load_sae, save_sae
 from sae.nn.base import SAEConfigError
-from sae.rundir import RunDirBusyError, RunLock
+from sae.run.rundir import RunDirBusyError, RunLock
 from sae.train.guards import load_checkpoint_file
 from tests.helpers import REPO
 from tests.helpers import run, single_thread_env, text, train_cmd
@@ -67,7 +67,7 @@ def test_lock__a_second_process_is_refused_while_the_first_writes(vectors, tmp_p
 
 
 def test_lock__of_a_killed_process_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sae.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sae.run.rundir import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

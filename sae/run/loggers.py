@@ -66,7 +66,7 @@ class FallbackWandbLogger(WandbLogger):
         if self.failure is not None:
             return DummyExperiment()
         try:
-            return WandbLogger.experiment.fget(self)
+            return super().experiment
         except Exception as e:  # noqa: BLE001 - any failure to start W&B: go offline, never stop training
             import wandb
 

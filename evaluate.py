@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,9 @@ from sae.analysis.evaluation import LoadedRun, RunNotFoundError, evaluate_run, l
 from sae.analysis.provenance import archive_previous, describe_images, write_record
 from sae.analysis.responses_eval import evaluate_responses, is_responses_run
 from sae.checks import BadConfigError, build_from_config
-from sae.launch import check_writable, wandb_has_credentials
+from sae.run.loggers import wandb_has_credentials
+from sae.run.rundir import check_writable
+from sae.run.task import run_task
 from sae.run.configs import register_configs
 from sae.model.planted import PLANTED_LAYERS, planted_truth
 
@@ -182,23 +183,14 @@ register_configs()  # the generated groups (layer=...) before Hydra composes
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    from sae.errors import user_error
-
     from sae.console import configure
 
     configure(bool(cfg.get("verbose", False)))
-    try:
-        return main_body(cfg)
-    except Exception as e:
-        bad_input = e if isinstance(e, (RunNotFoundError, FileNotFoundError)) else user_error(e)
-        if bad_input is None:
-            raise
-        log.error("%s: %s", type(bad_input).__name__, bad_input)  # one clear line, no traceback
-        sys.exit(2)
+    return run_task(lambda: main_body(cfg))
 
 
 if __name__ == "__main__":
-    from sae.preflight import preflight
+    from sae.run.preflight import preflight
 
     preflight("evaluate")  # an unknown option or group choice: one line and exit 2, before Hydra starts
     main()

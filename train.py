@@ -24,13 +24,12 @@ from omegaconf import DictConfig
 from callbacks.preemption import PreemptionCheckpoint, last_checkpoint_path
 from sae.console import configure as configure_console
 from sae.hostmem import reuse_freed_host_memory
-from sae.launch import (
-    OutputDirError, build_callbacks, build_logger, check_numbers, check_writable, close_logger, run_config,
-    write_planted_truth,
-)
 from sae.nn.io import atomic_write_bytes
 from sae.run.configs import register_configs
-from sae.rundir import take_ownership
+from sae.run.job import build_callbacks, check_numbers, run_config, write_planted_truth
+from sae.run.loggers import build_logger, close_logger
+from sae.run.rundir import OutputDirError, check_writable, take_ownership
+from sae.run.task import run_task
 from sae.train.guards import (
     CheckpointError, ResumeMismatchError, SafeCheckpointIO, check_restorable, load_checkpoint_file,
 )
@@ -151,11 +150,11 @@ register_configs()  # the generated groups (layer=...) before Hydra composes
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from sae.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, exit_code, user_error
-    from sae.launch import sweep_job
+    from sae.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+    from sae.run.job import sweep_job
 
     try:
-        return train(cfg)
+        return run_task(lambda: train(cfg), in_sweep=lambda: sweep_job() is not None)
     except Preempted as stopped:
         sys.exit(EXIT_INTERRUPTED if str(stopped) == "SIGINT" else EXIT_PREEMPTED)
     except (Aborted, KeyboardInterrupt) as aborted:
@@ -163,23 +162,10 @@ def main(cfg: DictConfig) -> float | None:
         log.error("stopped by Ctrl-C without saving; %s", f"{last} (saved earlier) can be resumed with "
                   "ckpt_path=last" if last and last.is_file() else "no checkpoint was written: run the command again")
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:
-        if (bad_input := user_error(e)) is None:
-            raise
-        log.error("%s: %s", type(bad_input).__name__, bad_input)  # one clear line, no traceback
-        if sweep_job() is not None:
-            # In a sweep, an exception (not an exit) marks this job failed while Hydra's launcher runs the
-            # others; the sweep reports the failure at the end.
-            raise JobFailed(f"{type(bad_input).__name__}: {bad_input}") from None
-        sys.exit(exit_code(bad_input))
-
-
-class JobFailed(Exception):
-    """One sweep job's bad input or divergence, in one line."""
 
 
 if __name__ == "__main__":
-    from sae.preflight import preflight
+    from sae.run.preflight import preflight
 
     preflight("config")  # an unknown option or group choice: one line and exit 2, before Hydra starts
     main()

@@ -194,12 +194,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sae.errors import user_error
+    from sae.run.task import run_task
 
-    try:
-        sys.exit(main())
-    except Exception as e:
-        if (bad_input := user_error(e)) is None and not isinstance(e, CacheError):
-            raise
-        log.error("%s: %s", type(bad_input or e).__name__, bad_input or e)
-        sys.exit(2)
+    sys.exit(run_task(main))

@@ -1,14 +1,10 @@
 """Keep freed host memory for reuse instead of returning it to the OS every step.
 
-A CPU training step allocates several (batch, d_sae) tensors (4096 x 3840 floats: 63 MB each). glibc's
-malloc serves blocks above 32 MB with fresh ``mmap`` calls and unmaps them on free, so every step the
-kernel zero-fills and page-faults about 15,000 new pages per tensor before the math can touch them.
-With ``mmap`` off for malloc and a high trim threshold, freed blocks stay in the heap and the next step
-reuses them already mapped. Measured with ``bench/throughput.py``'s module step (480 -> 3840, batch 4096,
-2 threads): the ReLU step 0.72 s -> 0.64 s, the TopK step 0.34 s -> 0.31 s.
-
-The price: the process keeps its peak heap instead of shrinking after it, which is what a training run
-does anyway. Only glibc (Linux) has these knobs; elsewhere this is a no-op. GPU tensors are unaffected.
+A CPU training step allocates several (batch, d_sae) tensors of tens of MB. glibc's malloc serves blocks that
+large with fresh ``mmap`` calls and unmaps them on free, so every step the kernel zero-fills and page-faults
+them anew; with ``mmap`` off for malloc and a high trim threshold the next step reuses them already mapped
+(bench/README.md gives the measured gain). The process keeps its peak heap, as a training run does anyway.
+Only glibc (Linux) has these knobs; elsewhere this is a no-op. GPU tensors are unaffected.
 """
 
 from __future__ import annotations

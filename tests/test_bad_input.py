@@ -17,33 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import train as train_script
 from sae.data import ImageSourceError, VectorFileError
 from sae.errors import user_error
-from sae.launch import OutputDirError
+from sae.run.rundir import OutputDirError
 from sae.model import WeightsError
 from sae.nn import SAEConfigError, load_sae
-from tests.conftest import REPO, write_images
-
-
-def train_with(run_dir: Path, *overrides: str):
-    """train.py's `train(cfg)` in this process (Hydra's compose: no process start-up per case)."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.output_dir={run_dir}", "model.pretrained=false", "logger=csv",
-                                           "debug=fast", *overrides])
-    return train_script.train(cfg)
-
-
-def assert_refused(run_dir: Path, error: type, message: str, *overrides: str) -> None:
-    with pytest.raises(Exception) as raised:
-        train_with(run_dir, *overrides)
-    bad_input = user_error(raised.value)
-    assert isinstance(bad_input, error), repr(raised.value)
-    assert message in str(bad_input), str(bad_input)
-    assert not (run_dir / "checkpoints").exists(), "refused before any training"
+from tests.helpers import REPO, assert_refused, train_with, vector_run
 
 
 @pytest.fixture
@@ -51,10 +32,6 @@ def vectors_file(tmp_path) -> Path:
     path = tmp_path / "acts.npy"
     np.save(path, np.random.default_rng(0).normal(size=(600, 32)).astype(np.float32))
     return path
-
-
-def vector_run(path: Path) -> list[str]:
-    return ["data=vectors", f"data.path={path}", "data.check_width=false", "data.batch_size=64", "sae.init_sample=256"]
 
 
 @pytest.mark.parametrize(

@@ -18,10 +18,10 @@ from sae.errors import user_error
 from sae.model import InceptionExtractor, WeightsError
 from sae.model.weights import load_inceptionv1
 from sae.nn import load_sae
-from sae.preflight import preflight
+from sae.run.preflight import preflight
 from sae.train.guards import CheckpointError, DataStatisticsError, NonFiniteLossError
-from tests.conftest import REPO, write_images
-from tests.test_bad_input import assert_refused, train_with, vector_run
+from tests.helpers import REPO, write_images
+from tests.helpers import assert_refused, train_with, vector_run
 
 REAL_RUN = ["trainer.fast_dev_run=false", "trainer.max_steps=3", "trainer.val_check_interval=3"]
 
@@ -165,7 +165,7 @@ def test_evaluate__an_export_of_another_layer_is_refused(tmp_path, image_folder)
     import evaluate
     from sae.analysis.evaluation import load_run
     from sae.nn import build_sae, save_sae
-    from tests.test_evaluate import make_run
+    from tests.helpers import make_run
 
     run = make_run(tmp_path / "run", image_folder)  # config_resolved.yaml: mixed3a (256 channels)
     save_sae(build_sae("relu", 256, d_sae=512), run, metadata={"layer": "mixed4c_3x3"})  # same width

@@ -15,7 +15,7 @@ from sae.cache import CacheError, CacheWriter, main as cache_main
 from sae.data import ImageActivationDataModule, SampleImages, VectorDataModule
 from sae.data.vectors import MANIFEST_NAME, ShardedVectors, ShardStream, VectorFileError
 from sae.model import InceptionExtractor
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SMALL = ["layer=conv2d0", "model.pretrained=false", "data.image_size=32", "data.batch_size=256",
          "data.num_workers=0", "data.vectors_per_window=1024", "data.image_batch_size=4"]

@@ -155,7 +155,7 @@ def test_wandb_offline_run__holds_the_image_grids_histograms_and_feature_table(e
                                                                               capfd):
     import wandb
 
-    from sae.launch import FallbackWandbLogger  # what logger=wandb builds
+    from sae.run.loggers import FallbackWandbLogger  # what logger=wandb builds
 
     logger = FallbackWandbLogger(project="test", save_dir=str(tmp_path), offline=True)
     try:

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from sae.analysis.compare import comparison_rows, write_comparison
-from tests.conftest import REPO
-from tests.test_evaluate import images, make_run  # noqa: F401 - the module-scoped images fixture
+from tests.helpers import REPO
+from tests.helpers import make_run
 
 FAST = ["eval=fast", "logger=none", "eval.sections=[reconstruction]"]
 
@@ -40,7 +39,7 @@ def test_evaluate_multirun__compares_in_the_sweep_folder_even_when_its_name_has_
     (folder,) = (tmp_path / "multi").iterdir()
     page = (folder / "compare" / "compare.html").read_text()
     assert "sae.l1_coefficient" in page and "layer" not in (folder / "compare" / "compare.csv").read_text().split(",")[1]
-    assert f'href="../../../a/eval/index.html"' in page or "a/eval/index.html" in page
+    assert 'href="../../../a/eval/index.html"' in page or "a/eval/index.html" in page
 
 
 def test_evaluate_multirun__fails_loudly_when_fewer_than_two_runs_could_be_evaluated(tmp_path: Path, images: Path):

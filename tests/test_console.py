@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from sae.model.layers import LAYERS
-from tests.conftest import REPO
-from tests.test_train import assert_ok, run_train
+from tests.helpers import REPO
+from tests.helpers import assert_ok, run_train
 
 SMALL = ["layer=conv2d2", "model.pretrained=false", "data.image_size=48", "data.batch_size=512", "data.num_workers=0",
          "data.vectors_per_window=4096", "data.image_batch_size=8", "data.val_images=8", "sae.expansion=2",

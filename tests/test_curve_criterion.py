@@ -17,7 +17,9 @@ from sae.analysis.curve_nulls import density_matched_directions, null_summary, p
 from sae.analysis.curve_planted import planted_recovery, wheel_overlay
 from sae.analysis.curves import Tuning, curve_ink, curve_stimuli, not_applicable, radial_tuning, unit_responses
 from sae.model import InceptionExtractor
-from tests.test_curves import FIELD, K, DrawnUnits, line_kernel
+from tests.helpers import K, DrawnUnits, drawn_field, line_kernel
+
+FIELD = drawn_field()
 
 N = 64
 THETA = torch.arange(N) * 360.0 / N

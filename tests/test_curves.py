@@ -4,58 +4,20 @@ with a known answer (convolutions drawn by hand) and on the real lucent Inceptio
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sae.analysis.curve_plots import orientation_wheel, tuning_figure
 from sae.analysis.curves import (
     KNOWN_CURVE_NEURONS, curve_detectors, curve_ink, curve_stimuli, orientation_gap, radial_tuning,
     receptive_field_center, stimulus_size, unit_responses,
 )
-from sae.model import InceptionExtractor, ReceptiveField, layer_shape, receptive_field
+from sae.model import InceptionExtractor, layer_shape, receptive_field
 from sae.nn import build_sae
+from tests.helpers import K, DrawnUnits, drawn_field, edge_kernel, kernel_coords, line_kernel
 
-K = 41  # px: kernel side of the hand-built units, and the stimuli's side
-
-
-class DrawnUnits(nn.Module):
-    """Channels = ReLU(zero-mean kernel * grey image): each channel responds to what its kernel depicts."""
-
-    def __init__(self, kernels: list[torch.Tensor]) -> None:
-        super().__init__()
-        weight = torch.stack([k - k.mean() for k in kernels]).unsqueeze(1)
-        self.conv = nn.Conv2d(1, len(kernels), K, bias=False)
-        self.conv.weight.data.copy_(weight / weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv(images.float().mean(1, keepdim=True) / 255.0))
-
-
-FIELD = ReceptiveField(size=K, stride=1, offset=(K - 1) / 2)  # a valid K x K convolution
-
-
-def _coords() -> tuple[torch.Tensor, torch.Tensor]:
-    c = torch.arange(K, dtype=torch.float32) - (K - 1) / 2
-    return torch.meshgrid(c, c, indexing="ij")  # y, x
-
-
-def edge_kernel(theta_deg: float) -> torch.Tensor:
-    """A dark-to-light step edge across the disc, its normal pointing towards theta."""
-    y, x = _coords()
-    t = math.radians(theta_deg)
-    return torch.where(x * math.cos(t) - y * math.sin(t) > 0, 1.0, -1.0) * (x**2 + y**2 < (K / 2.5) ** 2)
-
-
-def line_kernel(theta_deg: float) -> torch.Tensor:
-    """A 3 px bar through the centre along theta + 90 (the line stimulus at orientation theta)."""
-    y, x = _coords()
-    t = math.radians(theta_deg)
-    along, across = -x * math.sin(t) - y * math.cos(t), x * math.cos(t) - y * math.sin(t)
-    return ((across.abs() <= 1.5) & (along.abs() <= K / 3)).float()
+FIELD = drawn_field()  # a valid K x K convolution
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +56,7 @@ def test_curve_stimuli__a_curve_bulges_towards_its_orientation(theta, direction)
     # The arc's midpoint is at the centre and its ends trail away from the bulge, so its ink lies
     # behind the centre: left of it for 0 degrees (bulging right), below it for 90 (bulging up).
     ink = curve_ink(K, theta, 0.3 * K, 2.0, K / 2)
-    y, x = _coords()
+    y, x = kernel_coords()
     centroid = torch.stack([(ink * y).sum(), (ink * x).sum()]) / ink.sum()  # (y, x) relative to the centre
     sign = torch.where(centroid.abs() > 1, centroid.sign(), torch.zeros(2))  # under 1 px: symmetric
     assert tuple(sign.tolist()) == direction

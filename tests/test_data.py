@@ -26,7 +26,7 @@ from sae.data import (
     to_vectors,
 )
 from sae.model import InceptionExtractor
-from tests.conftest import write_images
+from tests.helpers import write_images
 
 
 @pytest.fixture(scope="module")

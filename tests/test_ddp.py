@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from tests.test_resume import assert_ok, run
+from tests.helpers import assert_ok, run
 
 RUN = ["data=vectors", "data.check_width=false", "data.val_fraction=0.1", "sae.expansion=4", "sae.init_sample=512",
        "trainer.max_steps=12", "trainer.val_check_interval=12", "callbacks.model_checkpoint.every_n_train_steps=6",

@@ -4,60 +4,20 @@ checkpoints, the multi-run comparison, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
-import yaml
 
 from sae.analysis.compare import pareto_front, write_comparison
 from sae.analysis.evaluation import RunNotFoundError, load_run
-from sae.nn import build_sae, save_sae
+from sae.nn import build_sae
 from sae.train.module import SAEModule
-from tests.conftest import REPO, write_images
+from tests.helpers import EVAL_CHANNELS, EVAL_LAYER, assert_ok, make_run, run_evaluate
 
-LAYER, CHANNELS = "mixed3a", 256
+LAYER, CHANNELS = EVAL_LAYER, EVAL_CHANNELS
 FAST = ["eval=fast", "logger=none"]
-
-
-def make_run(root: Path, images: Path, seed: int = 0) -> Path:
-    """A finished training run as train.py leaves it: sae.safetensors + sae.json + config_resolved.yaml."""
-    torch.manual_seed(seed)
-    sae = build_sae("relu", CHANNELS, d_sae=2 * CHANNELS)
-    save_sae(sae, root, scale=1.0, metadata={"layer": LAYER, "model_weights": "random", "input_scale": 1.0,
-                                             "global_step": 10})
-    model = {"_target_": "sae.model.InceptionExtractor", "layer": LAYER, "pretrained": False, "weights": None,
-             "channels_last": False}
-    data = {"_target_": "sae.data.ImageActivationDataModule", "extractor": model, "root": str(images),
-            "batch_size": 1024, "image_size": 224, "val_images": 4, "holdout": True, "num_workers": 0,
-            "image_batch_size": 4, "seed": 0}
-    config = {"layer": {"name": LAYER, "channels": CHANNELS}, "model": model, "data": data, "seed": 0}
-    (root / "config_resolved.yaml").write_text(yaml.safe_dump(config))
-    return root
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    write_images(root, 12)
-    return root
-
-
-def run_evaluate(args: list[str], cwd_tmp: Path, timeout: float = 240):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    dirs = [f"hydra.run.dir={cwd_tmp}/hydra", f"hydra.sweep.dir={cwd_tmp}/hydra-multi"]
-    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
-    args = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "evaluate.py", *flags, *dirs, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def test_evaluate__writes_metrics_plots_tables_and_the_browser(tmp_path: Path, images: Path):

@@ -17,7 +17,7 @@ from sae.model.extractor import run_steps
 from sae.model.ops import apply_step, local_response_norm
 from sae.model.layers import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, STEPS, ancestors
 from sae.nn import build_sae
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

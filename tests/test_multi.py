@@ -13,7 +13,7 @@ from sae.data import VectorDataModule
 from sae.nn import load_sae
 from sae.train import SAEModule
 from sae.train.multi import MultiSAEModule, member_configs, member_kwargs
-from tests.test_train import assert_ok, run_train
+from tests.helpers import assert_ok, run_train
 
 SHARED = dict(d_in=16, expansion=4, init_sample=256, b_dec_init="mean", lr_warmup_steps=2, metadata={"layer": "x"})
 

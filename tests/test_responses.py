@@ -4,9 +4,7 @@ evaluate.py on a small simulated recording, with no InceptionV1."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 
 from sae.data.responses import ResponseDataModule, ResponseFileError, load_responses, load_stimuli, stimulus_paths
 from sae.data.simulate_responses import simulate, write_recording
-from tests.conftest import REPO
+from tests.helpers import run_script
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +62,7 @@ def test_response_datamodule__row_and_image_counts_must_agree(recording: Path, t
 
 
 def _run(script: str, args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, script, f"hydra.run.dir={tmp}", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return run_script(script, f"hydra.run.dir={tmp}", *args, timeout=600)
 
 
 def test_train__mismatched_counts_are_one_line_and_exit_2(recording: Path, tmp_path: Path):

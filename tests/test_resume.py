@@ -3,10 +3,8 @@ with the same dictionary as a run that was never interrupted; checkpoints are at
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae.train.guards import CheckpointError, NonFiniteLossError, SafeCheckpointIO, load_checkpoint_file
-from tests.conftest import REPO
+from tests.helpers import REPO, assert_ok, run, single_thread_env, text, train_cmd
 
 # Small and deterministic: one CPU thread, relu SAE with resampling and warm-up inside the run, so that the
 # optimizer, the LR schedule, the dead-feature counters and resampling all have state to restore.
@@ -27,31 +25,10 @@ VECTOR_RUN = ["data=vectors", "data.check_width=false", "data.batch_size=128", "
               "logger=csv", "model.pretrained=false"]
 
 
-def env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
-
-
-def run(run_dir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(run_dir, *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env())
-
-
-def text(result: subprocess.CompletedProcess) -> str:
-    return result.stdout + result.stderr
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, text(result)[-5000:]
-
-
 def run_until(run_dir: Path, checkpoint: str, sig: int, *overrides: str, timeout: float = 180) -> tuple[int, str]:
     """Start train.py, send `sig` as soon as checkpoints/`checkpoint` (and last.ckpt) exist; (status, output)."""
     targets = [run_dir / "checkpoints" / checkpoint, run_dir / "checkpoints" / "last.ckpt"]
-    process = subprocess.Popen(train_cmd(run_dir, *overrides), cwd=REPO, env=env(), text=True,
+    process = subprocess.Popen(train_cmd(run_dir, *overrides), cwd=REPO, env=single_thread_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     try:

@@ -18,10 +18,10 @@ import yaml
 
 from sae.nn import build_sae, load_sae, save_sae
 from sae.nn.base import SAEConfigError
-from sae.rundir import RunDirBusyError, RunLock
+from sae.run.rundir import RunDirBusyError, RunLock
 from sae.train.guards import load_checkpoint_file
-from tests.conftest import REPO
-from tests.test_resume import env, run, text, train_cmd
+from tests.helpers import REPO
+from tests.helpers import run, single_thread_env, text, train_cmd
 
 SMALL = ["data=vectors", "data.check_width=false", "data.batch_size=64", "data.val_fraction=0.1", "sae.expansion=2",
          "sae.init_sample=256", "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5",
@@ -67,7 +67,7 @@ def test_lock__a_second_process_is_refused_while_the_first_writes(vectors, tmp_p
 
 
 def test_lock__of_a_killed_process_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sae.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sae.run.rundir import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -92,7 +92,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
 def test_ctrl_c__saves_last_ckpt_at_the_step_boundary_and_says_how_to_continue(vectors, tmp_path):
     args = [*SMALL, f"data.path={vectors}", "logger=csv", "trainer.max_steps=100000",
             "callbacks.model_checkpoint.every_n_train_steps=100000"]  # Ctrl-C long before the first checkpoint
-    process = subprocess.Popen(train_cmd(tmp_path, *args), cwd=REPO, env=env(), text=True,
+    process = subprocess.Popen(train_cmd(tmp_path, *args), cwd=REPO, env=single_thread_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(tmp_path / "csv" / "metrics.csv", process)  # training has run a few steps

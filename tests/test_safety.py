@@ -6,9 +6,7 @@ weights_only itself into an unsafe one)."""
 from __future__ import annotations
 
 import builtins
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from sae.model import WeightsError, read_state_dict
 from sae.nn import build_sae, save_sae
 from sae.safeload import UNSAFE_HINTS
 from sae.train.guards import CheckpointError, load_checkpoint_file
-from tests.conftest import REPO
+from tests.helpers import run_script, script_env
 
 FORCE_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -100,8 +98,7 @@ def test_saved_config__builds_only_the_projects_own_classes(tmp_path, target):
 
 
 def _run(script: str, *args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_script(script, *args, timeout=timeout, env=script_env(OMP_NUM_THREADS="1", **(env or {})))
 
 
 def _errors(result: subprocess.CompletedProcess) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from sae.nn import load_sae
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_submitit_local__two_jobs_one_failing_each_own_wandb_run_in_the_sweep_group(tmp_path):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import numpy as np
@@ -14,24 +10,9 @@ import torch
 
 from sae.nn import build_sae, load_sae
 from sae.train import ResampleSchedule, draw_replacements, lr_factor, resample_features_, sparsity_factor
-from tests.conftest import REPO
+from tests.helpers import assert_ok, run_train
 
 FAST = ["model.pretrained=false", "debug=fast", "logger=csv"]
-
-
-def run_train(args: list[str], tmp_path: Path, timeout: float = 300, env: dict | None = None):
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    dirs = [f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multi"]
-    return subprocess.run(
-        [sys.executable, "train.py", *flags, *dirs, *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
-    )
-
-
-def assert_ok(result) -> None:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 # -- resampling ---------------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ from sae.nn.io import atomic_write_bytes
 
 log = logging.getLogger("sae.evaluate")
 
-FIGURES = ("density.png", "curves_orientations.png", "interpretability.png", "curves_tuning_features.png",
-           "curves_tuning_neurons.png")
 CURVE_KEYS = ("is_curve", "preferred_orientation", "peak_sharpness", "curve_vs_line")
 CHUNK = 128  # units whose crops are built at once: (128, k, 3, S, S) floats
 
@@ -307,7 +305,8 @@ its page.</span><span id="pager"></span></div>
 def write_pages(out: Path, title: str, metrics: Mapping[str, Any], sections: Mapping[str, Section],
                 browsed: Mapping[str, Browsed], warnings: list[str]) -> list[str]:
     """Write index.html + features.js, neurons.html + neurons.js and each unit's page; returns the index names."""
-    figures = [name for name in FIGURES if (out / name).is_file()]
+    figures = [name for part in sections.values() for name in part.files  # what the sections drew, in order
+               if name.endswith(".png") and (out / name).is_file()]
     record = json.loads((out / "evaluation.json").read_text()) if (out / "evaluation.json").is_file() else {}
     written = []
     for kind, page, data_file in (("features", "index.html", "features.js"), ("neurons", "neurons.html", "neurons.js")):

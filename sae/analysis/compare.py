@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
 from sae.analysis.report import Column, relative, render_page, write_page
+from sae.errors import UserError
 from sae.nn.io import atomic_write_bytes
 
 # (column key, where in metrics.json, label)
@@ -42,6 +43,10 @@ FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 TEXT_FIELDS = ("run", "layer", "architecture")
 IGNORED_OVERRIDES = ("ckpt_path", "logger", "callbacks", "debug", "trainer.devices", "trainer.num_nodes")
+
+
+class NotEvaluatedError(UserError, FileNotFoundError):
+    """A run to compare has no eval/metrics.json."""
 
 
 def _get(metrics: dict, path: tuple[str, ...]) -> Any:
@@ -80,7 +85,7 @@ def comparison_rows(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any
     for run in run_dirs:
         path = Path(run) / "eval" / "metrics.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: evaluate the run first (python evaluate.py run={run}), "
+            raise NotEvaluatedError(f"{path} is missing: evaluate the run first (python evaluate.py run={run}), "
                                     "or use runs=[...] to evaluate and compare in one go.")
         metrics = json.loads(path.read_text())
         row = {"run": str(run), **swept[len(rows)]}

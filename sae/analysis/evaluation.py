@@ -11,10 +11,10 @@ neurons.html. The caller (evaluate.py) builds the extractor and the held-out ima
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from sae.nn.io import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger("sae.evaluate")
 
-SECTIONS = ("reconstruction", "fidelity", "curves", "interpretability", "browser")
 RANDOM_WEIGHTS_WARNING = (
     "InceptionV1 has RANDOM weights (model.pretrained=false): the SAE learned directions of a random network. "
     "Reconstruction metrics and the machinery are meaningful; curve detectors, II and visualizations are not."
@@ -112,8 +111,71 @@ class Evaluation:
     files: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Context:
+    """What every section may read: the run, the network at its layer, the SAE, the held-out images with their
+    activations and the activation scans of features and neurons, and where files go."""
+
+    run: LoadedRun
+    extractor: Any
+    sae: SparseAutoencoder
+    held: HeldOut
+    scans: dict[str, examples.ActivationScan]
+    out: Path
+    batch_size: int
+    weights: str
+    extra: dict[str, Any] = field(default_factory=dict)  # what a section hands to the page writer
+
+
+# A section: (context, its own eval.<name> config) -> Section (metrics, files written, per-unit columns).
+# Adding one is a function registered here plus an `eval.<name>` block and its name in `eval.sections`.
+SECTIONS: dict[str, Callable[[Context, Any], Section]] = {}
+
+
+def section(name: str):
+    def register(fn: Callable[[Context, Any], Section]) -> Callable[[Context, Any], Section]:
+        SECTIONS[name] = fn
+        return fn
+    return register
+
+
+@section("reconstruction")
+def _reconstruction(ctx: Context, cfg: Any) -> Section:
+    result, ctx.scans["features"] = reconstruction(ctx.sae, ctx.held, ctx.out)
+    ctx.scans["neurons"] = scan(ctx.held)
+    return result
+
+
+@section("fidelity")
+def _fidelity(ctx: Context, cfg: Any) -> Section:
+    return fidelity(ctx.extractor.net, ctx.sae, ctx.held, ctx.batch_size)
+
+
+@section("curves")
+def _curves(ctx: Context, cfg: Any) -> Section:
+    from sae.analysis.studies import curve_section
+
+    return curve_section(ctx.extractor, ctx.sae, ctx.out, cfg, ctx.held, ctx.scans, ctx.weights, ctx.run.directory)
+
+
+@section("interpretability")
+def _interpretability(ctx: Context, cfg: Any) -> Section:
+    from sae.analysis.studies import interpretability_section
+
+    return interpretability_section(ctx.held, ctx.scans, ctx.out, cfg, ctx.sae)
+
+
+@section("browser")
+def _browser(ctx: Context, cfg: Any) -> Section:
+    from sae.analysis.browser import browse
+
+    result, ctx.extra["browsed"] = browse(ctx.extractor, ctx.sae, ctx.held, ctx.scans, ctx.out, cfg)
+    return result
+
+
 def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any) -> Evaluation:
-    """Run cfg.sections on the held-out `images` (N, 3, S, S) uint8; write everything under `out`."""
+    """Run cfg.sections (reconstruction first: the others read its scans) on the held-out `images`
+    (N, 3, S, S) uint8; write everything under `out`."""
     unknown = sorted(set(cfg.sections) - set(SECTIONS))
     if unknown:
         raise BadConfigError(f"eval.sections has unknown {unknown}; choose from {list(SECTIONS)}.")
@@ -123,58 +185,33 @@ def evaluate_run(run: LoadedRun, extractor, images: Tensor, out: Path, cfg: Any)
         raise ValueError(f"the SAE reads d_in={run.sae.d_in} but {extractor.layer!r} has {extractor.d_in} channels.")
     device = next(extractor.parameters()).device
     sae = run.sae.to(device).eval()
-    timings: dict[str, float] = {}
     start = time.perf_counter()
     held = HeldOut(images, extract(extractor, images, int(cfg.batch_size)), extractor.layer)
-    timings["extract"] = time.perf_counter() - start
+    timings = {"extract": time.perf_counter() - start}
     weights = run.meta.get("model_weights", "unknown")
     result = Evaluation({"run": {
         "source": run.source, "layer": run.layer, "architecture": sae.architecture, "d_in": sae.d_in,
         "d_sae": sae.d_sae, "model_weights": weights, "global_step": run.meta.get("global_step"),
         "image_size": int(images.shape[-1]), "held_out_images": int(images.shape[0]),
     }})
-    scans: dict[str, examples.ActivationScan] = {}
-
-    def timed(name: str, fn):
+    ctx = Context(run, extractor, sae, held, {}, out, int(cfg.batch_size), weights)
+    for name in ["reconstruction", *(n for n in SECTIONS if n in cfg.sections and n != "reconstruction")]:
         log.info("eval: %s ...", name)
         began = time.perf_counter()
-        section = fn()
+        done = SECTIONS[name](ctx, cfg.get(name))
         timings[name] = time.perf_counter() - began
         log.info("eval: %s done in %.1f s", name, timings[name])
-        result.sections[name] = section
-        result.metrics[name] = section.metrics
-        result.files += section.files
-
-    def run_reconstruction() -> Section:
-        section, scans["features"] = reconstruction(sae, held, out)
-        scans["neurons"] = scan(held)
-        return section
-
-    timed("reconstruction", run_reconstruction)
-    if "fidelity" in cfg.sections:
-        timed("fidelity", lambda: fidelity(extractor.net, sae, held, int(cfg.batch_size)))
-    if "curves" in cfg.sections:
-        from sae.analysis.studies import curve_section
-
-        timed("curves", lambda: curve_section(extractor, sae, out, cfg.curves, held, scans, weights, run.directory))
-    if "interpretability" in cfg.sections:
-        from sae.analysis.studies import interpretability_section
-
-        timed("interpretability", lambda: interpretability_section(held, scans, out, cfg.interpretability, sae))
-    browsed: dict[str, Any] = {}
-    if "browser" in cfg.sections:
-        from sae.analysis.browser import browse
-
-        timed("browser", lambda: browsed.setdefault("section", browse(extractor, sae, held, scans, out, cfg.browser))[0])
+        result.sections[name], result.metrics[name] = done, done.metrics
+        result.files += done.files
     result.metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     write_json(out / "metrics.json", _json_safe(result.metrics))
     result.files.append("metrics.json")
-    if "browser" in cfg.sections:
+    if "browsed" in ctx.extra:
         from sae.analysis.browser import write_pages
 
         warnings = [RANDOM_WEIGHTS_WARNING] if weights == "random" else []
         title = f"SAE {sae.architecture} on {run.layer} ({sae.d_sae} features)"
-        result.files += write_pages(out, title, result.metrics, result.sections, browsed["section"][1], warnings)
+        result.files += write_pages(out, title, result.metrics, result.sections, ctx.extra["browsed"], warnings)
     return result
 
 
@@ -190,7 +227,3 @@ def _json_safe(value: Any) -> Any:
         return None
     return value
 
-
-def read_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """A run's eval/metrics.json (written by a previous evaluation)."""
-    return json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())

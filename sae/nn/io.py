@@ -22,6 +22,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from sae.errors import UserError
+
 from .base import SAEConfigError, SparseAutoencoder, build_sae
 
 FORMAT_VERSION = 1
@@ -124,15 +126,19 @@ def save_sae(
     atomic_write_bytes(directory / WEIGHTS_NAME, weights)
 
 
+class ExportNotFoundError(UserError, FileNotFoundError):
+    """The path holds no exported SAE (sae.safetensors + sae.json)."""
+
+
 def _resolve_paths(directory_or_file: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(directory_or_file)
     directory = path if path.is_dir() else path.parent
     if not path.is_dir() and path.name not in (WEIGHTS_NAME, CONFIG_NAME):
-        raise FileNotFoundError(f"{path} is neither a directory nor a {WEIGHTS_NAME} / {CONFIG_NAME} file")
+        raise ExportNotFoundError(f"{path} is neither a directory nor a {WEIGHTS_NAME} / {CONFIG_NAME} file")
     weights, config = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     for required in (weights, config):
         if not required.is_file():
-            raise FileNotFoundError(
+            raise ExportNotFoundError(
                 f"{required} is missing; an exported SAE needs both {WEIGHTS_NAME} and {CONFIG_NAME}"
             )
     return weights, config

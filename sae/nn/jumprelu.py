@@ -82,41 +82,21 @@ class JumpReLUSAE(SparseAutoencoder):
     Units: inputs have mean norm sqrt(d_in), so with unit decoder rows (and W_enc = W_dec.T) the
     pre-activations start roughly N(0, 1), and a latent firing at theta lowers the per-element MSE by
     about theta^2 / d_in: the learned threshold settles near sqrt(l0_coefficient * d_in).
-    Hyperparameters, measured on ``bench/planted.py`` (d=64, n=512, 5 directions per input, d_sae 512,
-    500 steps; recovered at cosine > 0.9):
-        l0_coefficient: 0.01, i.e. latents contributing less than ~10% of the input norm are cut,
-            the share of one feature among a few tens. Like TopK's k it sets the sparsity.
-        bandwidth: 3.0, in pre-activation units. The straight-through window is wide on purpose:
-            with the paper's narrow window (0.001 for its normalisation, ~0.05 in ours) only the
-            pre-activations already next to theta ever learn that crossing it would help, and in a
-            short run the encoder does not find the features (27% recovered). A window as wide as the
-            pre-activations' spread lets every latent feel the pull of the jump (plain-torch loop,
-            d_sae 1024: bandwidth 3: 98.2%, 5: 93.8%, 10: collapses, every latent silent). The forward
-            pass stays exactly sparse; only the gradient estimate is smoothed. Anthropic's 2025 update
-            ("Dictionary learning optimization techniques") also trains with a wide window.
-        init_firing_rate: 0.002. Before training each theta_i is set from a sample of inputs so that
-            latent i fires on this fraction of them (``init_from_sample_``): only the latents best
-            aligned with an input fire at first, a sparse, competitive start like TopK's. Starting
-            where tens of random latents fire on every input (the break-even sqrt(l0_coefficient *
-            d_in) on planted data) makes their sum overshoot the input; the encoder shrinks every
-            pre-activation to undo it, L0 collapses to ~1 within 50 steps and recovery takes thousands
-            of steps (bandwidth 3: 85% vs 99%). A fixed theta is no substitute: on planted data the
-            pre-activations start ~N(0, 1) and 2.5 (their 99.4th percentile) works, but on mixed3b
-            activations of a random-weights network 2.5 lay above almost every pre-activation and 99.7%
-            of the latents never fired. 0.002 over 0.006: d_sae 1024, 99.0% vs 93.8% (bandwidth 5);
-            with bandwidth 3, 99.4% (1024) and 98.8% (512). None: keep ``threshold_init``.
-        threshold_init: theta before any sample is seen, or always with init_firing_rate None;
-            None = sqrt(l0_coefficient * d_in), the break-even activation. Theta is learned in log
-            space, so under Adam it moves by a roughly constant factor per step.
-        pre_acts_grad: False (the paper). True also sends the STE's kernel terms to the
-            pre-activations (the L0 penalty pushes them below theta, the reconstruction's jump pulls
-            them above), as in Anthropic's 2025 update. On the planted data it helped at bandwidth 5
-            (d_sae 1024: 99.6% vs 93.8%), but on mixed3b activations of a random-weights network
-            the pull of the wide window first drove L0 to ~210 and then left 96.5% of the latents
-            dead (explained variance 0.77 after 120 steps, against 0.88 and L0 15 without).
-        k_aux, aux_k_coefficient: AuxK (``auxk.py``); the config turns it on (0.5). A latent whose
-            threshold lies above all its pre-activations gets no gradient from anything else
-            (bandwidth 3: 99.0% with AuxK vs 93.9% and 4.7% dead without).
+
+    Hyperparameters (why each default; the measurements are in bench/README.md, "Why the defaults"):
+        l0_coefficient: the sparsity knob; 0.01 cuts latents contributing under ~10% of the input norm.
+        bandwidth: the straight-through window, in pre-activation units. Wide on purpose: with the paper's
+            narrow window only pre-activations already next to theta learn that crossing it would help
+            (Anthropic's 2025 update also trains with a wide window). The forward pass stays exactly sparse.
+        init_firing_rate: before training each theta_i is set from a sample so that latent i fires on this
+            fraction of it (``init_from_sample_``): a sparse, competitive start like TopK's, where the
+            break-even start lets tens of random latents overshoot every input. None: keep threshold_init.
+        threshold_init: theta before any sample is seen (None = sqrt(l0_coefficient * d_in)). Theta is
+            learned in log space, so under Adam it moves by a roughly constant factor per step.
+        pre_acts_grad: False (the paper). True also sends the STE's kernel terms to the pre-activations,
+            as in Anthropic's 2025 update.
+        k_aux, aux_k_coefficient: AuxK (``auxk.py``): a latent whose threshold lies above all its
+            pre-activations gets no gradient from anything else.
     Decoder rows are unit-norm: L0 is blind to the scale of f, so the constraint only fixes the
     gauge (f -> c f, W_dec -> W_dec / c, theta -> c theta), making thresholds comparable across latents.
     """

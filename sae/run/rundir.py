@@ -1,4 +1,6 @@
-"""One owner per run directory: a fresh run never replaces a finished one, and two processes never write one.
+"""The run directory: writable, owned by one process, and keeping each invocation's command.
+
+One owner per run directory: a fresh run never replaces a finished one, and two processes never write one.
 
 - `check_fresh`: a run directory that already holds a run (checkpoints or an export) is refused for a fresh
   start, naming the three ways on: `ckpt_path=last` (continue it), another `hydra.run.dir`, or `overwrite=true`.
@@ -20,10 +22,50 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
-from sae.launch import OutputDirError
+from sae.errors import UserError
 
 log = logging.getLogger("sae")
+
+
+_RECORD_DIRS: dict[str, str] = {}
+
+
+def run_record_dir(output_dir: str) -> str:
+    """Where Hydra records this invocation's command (`hydra.output_subdir`): `.hydra` for the run's first
+    process, `.hydra/resume-N` for each later one (a resume, a requeued job), so that the original command is
+    never overwritten. Decided once per directory and process."""
+    if output_dir not in _RECORD_DIRS:
+        base = Path(output_dir) / ".hydra"
+        n = 1
+        while (base / f"resume-{n}").exists():
+            n += 1
+        _RECORD_DIRS[output_dir] = f".hydra/resume-{n}" if (base / "overrides.yaml").exists() else ".hydra"
+    return _RECORD_DIRS[output_dir]
+
+
+OmegaConf.register_new_resolver("run_record_dir", run_record_dir, replace=True)
+
+
+class OutputDirError(UserError, OSError):
+    """The run directory cannot be written."""
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Create `directory` and prove it is writable before any expensive work starts."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"  # per process: DDP ranks probe the same directory
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(
+            f"cannot write to the run directory {str(path)!r} ({e.strerror or e}). "
+            "Choose a writable place with hydra.run.dir=DIR (or hydra.sweep.dir=DIR for -m)."
+        ) from e
+    return path
 
 LOCK_NAME = ".lock"
 # What a previous run leaves behind; an export or a checkpoint means the directory holds a run.

@@ -1,7 +1,5 @@
-"""What train.py and evaluate.py share: loggers (with W&B's offline fallback), callbacks, run-directory checks.
-
-This is the only place under `sae/` that knows Hydra configs and W&B.
-"""
+"""The run's loggers: W&B with its offline fallback and one run id per run directory, and a CSV logger that a
+resumed run appends to. The only place under `sae/` that knows W&B."""
 
 from __future__ import annotations
 
@@ -11,7 +9,6 @@ import netrc
 import os
 import secrets
 import string
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,74 +18,14 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sae.checks import non_negative, positive
-from sae.errors import UserError
+from sae.run.job import random_weights, sweep_job
 
 log = logging.getLogger("sae")
 
+
 RANDOM_WEIGHTS_TAG = "random-weights"
-
-
-_RECORD_DIRS: dict[str, str] = {}
-
-
-def run_record_dir(output_dir: str) -> str:
-    """Where Hydra records this invocation's command (`hydra.output_subdir`): `.hydra` for the run's first
-    process, `.hydra/resume-N` for each later one (a resume, a requeued job), so that the original command is
-    never overwritten. Decided once per directory and process."""
-    if output_dir not in _RECORD_DIRS:
-        base = Path(output_dir) / ".hydra"
-        n = 1
-        while (base / f"resume-{n}").exists():
-            n += 1
-        _RECORD_DIRS[output_dir] = f".hydra/resume-{n}" if (base / "overrides.yaml").exists() else ".hydra"
-    return _RECORD_DIRS[output_dir]
-
-
-OmegaConf.register_new_resolver("run_record_dir", run_record_dir, replace=True)
-
-
-class OutputDirError(UserError, OSError):
-    """The run directory cannot be written."""
-
-
-def check_writable(directory: str | Path) -> Path:
-    """Create `directory` and prove it is writable before any expensive work starts."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"  # per process: DDP ranks probe the same directory
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(
-            f"cannot write to the run directory {str(path)!r} ({e.strerror or e}). "
-            "Choose a writable place with hydra.run.dir=DIR (or hydra.sweep.dir=DIR for -m)."
-        ) from e
-    return path
-
-
-def check_numbers(cfg: DictConfig) -> None:
-    """Value ranges of the trainer's and the checkpoints' numeric options, before any work (exit 2 if not)."""
-    positive("trainer.max_steps", cfg.trainer.get("max_steps"), integer=True)
-    interval = cfg.trainer.get("val_check_interval")
-    if interval is not None:
-        positive("trainer.val_check_interval", interval, integer=isinstance(interval, int))
-    positive("trainer.log_every_n_steps", cfg.trainer.get("log_every_n_steps", 50), integer=True)
-    every = OmegaConf.select(cfg, "callbacks.model_checkpoint.every_n_train_steps")
-    if every is not None:
-        non_negative("callbacks.model_checkpoint.every_n_train_steps", every, integer=True)
-
-
-def uses_inceptionv1(cfg: DictConfig) -> bool:
-    """Whether this run extracts activations (image data) rather than reading precomputed vectors."""
-    return "extractor" in cfg.data
-
-
-def random_weights(cfg: DictConfig) -> bool:
-    return uses_inceptionv1(cfg) and not cfg.model.pretrained and not cfg.model.weights
 
 
 def wandb_has_credentials() -> bool:
@@ -129,7 +66,7 @@ class FallbackWandbLogger(WandbLogger):
         if self.failure is not None:
             return DummyExperiment()
         try:
-            return WandbLogger.experiment.fget(self)
+            return super().experiment
         except Exception as e:  # noqa: BLE001 - any failure to start W&B: go offline, never stop training
             import wandb
 
@@ -200,17 +137,6 @@ class FallbackWandbLogger(WandbLogger):
             self._fallback.finalize(status)
 
 
-def sweep_job() -> tuple[str, int] | None:
-    """(sweep directory, this job's number) inside a Hydra multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    hydra_cfg = HydraConfig.get()
-    return str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
-
-
 def build_logger(cfg: DictConfig, resumed_step: int | None = None) -> Any:
     """The configured Lightning logger, or False for logger=none.
 
@@ -271,16 +197,6 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    """Instantiate every entry of the `callbacks` group that has a `_target_`. Without a logger (logger=none)
-    the LR monitor, which only writes to a logger, is left out (Lightning refuses it there)."""
-    entries: Iterable = (cfg.get("callbacks") or {}).values()
-    callbacks = [c for c in entries if isinstance(c, DictConfig) and "_target_" in c]
-    if not cfg.get("logger"):  # Lightning refuses a LearningRateMonitor without a logger (logger=none, debug=fast)
-        callbacks = [c for c in callbacks if not str(c._target_).endswith("LearningRateMonitor")]
-    return [hydra.utils.instantiate(c) for c in callbacks]
-
-
 class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger, but a resumed run appends to `metrics.csv` instead of deleting it: rows from the
     resumed step on (logged before the interruption, logged again now) are dropped by `resume_at`, so the file
@@ -316,32 +232,6 @@ class _AppendingWriter(ExperimentWriter):
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(kept)
-
-
-def run_config(cfg: DictConfig) -> dict:
-    """The resolved config, plus what a reader must not miss (random weights)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if not uses_inceptionv1(cfg):
-        resolved["model_weights"] = "n/a (precomputed vectors)"
-    elif random_weights(cfg) or planted_weights(cfg):
-        resolved["model_weights"] = "random" if random_weights(cfg) else "planted"
-    else:
-        resolved["model_weights"] = "file" if cfg.model.weights else "lucid"
-    return resolved
-
-
-def planted_weights(cfg: DictConfig) -> bool:
-    """Whether the run extracts from the known-answer network (model=planted, model.weights=planted)."""
-    return uses_inceptionv1(cfg) and str(cfg.model.get("weights")) == "planted"
-
-
-def write_planted_truth(cfg: DictConfig, directory: Path) -> Path | None:
-    """directory/planted_truth.json: the planted features of the run's layer (planted weights only)."""
-    from sae.model.planted import PLANTED_LAYERS, planted_truth
-
-    if not planted_weights(cfg) or cfg.layer.name not in PLANTED_LAYERS:
-        return None
-    return planted_truth(cfg.layer.name).save(Path(directory) / "planted_truth.json")
 
 
 def close_logger(logger: Any) -> None:

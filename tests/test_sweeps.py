@@ -34,7 +34,8 @@ def test_submitit_local__two_jobs_one_failing_each_own_wandb_run_in_the_sweep_gr
 
     runs = {job: list((sweep / job / "wandb").glob("offline-run-*/*.wandb")) for job in ("0", "1")}
     assert len(runs["1"]) == 1, "one W&B run per job"
-    for job, files in runs.items():
+    for (job, files), value in zip(runs.items(), ("-1", "2")):
         for file in files:  # the group and the name are in the run record of the offline run file
             record = file.read_bytes()
-            assert f"sweep:{sweep}".encode() in record and f"mixed3b-relu#{job}".encode() in record
+            named = f"mixed3b-relu data.batch_size=64,data.check_width=false,model.pretrained=false,sae.expansion={value}"
+            assert f"sweep:{sweep}".encode() in record and named.encode() in record  # the swept value, not a number

@@ -28,6 +28,22 @@ log = logging.getLogger("sae")
 RANDOM_WEIGHTS_TAG = "random-weights"
 
 
+def _job_values() -> str:
+    """This sweep job's overrides as `key=value,...`, leaving out the keys Hydra's override_dirname leaves out
+    and file paths (data.path=/long/...: rarely what is swept, and they would push the swept values off a
+    128-character W&B name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    kept = []
+    for override in hydra_cfg.overrides.task:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") not in excluded and "/" not in value:
+            kept.append(override)
+    return ",".join(sorted(kept))
+
+
 def wandb_has_credentials() -> bool:
     """True if W&B can authenticate: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
     if os.environ.get("WANDB_API_KEY"):
@@ -156,9 +172,7 @@ def build_logger(cfg: DictConfig, resumed_step: int | None = None) -> Any:
             # One W&B run per job, all in one group named after the sweep (unless logger.group says otherwise),
             # each named by its swept values (e.g. mixed3b-relu sae.l1_coefficient=3), or its number if none.
             sweep_dir, job_num = sweep
-            from hydra.core.hydra_config import HydraConfig
-
-            swept = HydraConfig.get().job.override_dirname
+            swept = _job_values()
             overrides["group"] = cfg.logger.get("group") or f"sweep:{sweep_dir}"[-128:]
             overrides["name"] = f"{cfg.logger.get('name') or cfg.run_name} {swept or f'#{job_num}'}"[:128]
         # One W&B run per run directory: a resumed run continues it (its id is kept in the directory).

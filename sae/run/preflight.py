@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # sae/run/ -> the repository
 EXIT_BAD_INPUT = 2
 
 

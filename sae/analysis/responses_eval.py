@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -99,10 +100,10 @@ def _browser(out: Path, sae, metrics: dict, sections: dict[str, Section], acts: 
              values: dict, images: Tensor, k: int, cfg: Any) -> None:
     """index.html (features), neurons.html (recorded units) and <family>.html: every unit's II and its top
     stimuli (the most frequent features first: at most cfg.n_features features and 64 units per page)."""
-    from sae.analysis.browser import _columns, summary_tables, unit_rows
+    from sae.analysis.browser import summary_tables
     from sae.analysis.report import render_page, write_page
 
-    summary = summary_tables(metrics)
+    summary, notes = summary_tables(metrics)
     figures = [n for n in ("density.png", "interpretability.png") if (out / n).is_file()]
     pages = [("features", "index.html"), ("neurons", "neurons.html")] + [(f, f"{f}.html") for f in acts
                                                                          if f not in ("features", "neurons")]
@@ -114,10 +115,30 @@ def _browser(out: Path, sae, metrics: dict, sections: dict[str, Section], acts: 
         paths = _top_stimuli(out / kind, kind[0], a, order, images, k)
         units = {"density": (a > 0).float().mean(0).numpy(),
                  **{f"ii_{d}": per_kind[kind] for d, per_kind in values.items()}}
-        html = render_page(f"SAE {sae.architecture} on recorded responses: {kind}", _columns(units, kind, True),
-                           unit_rows(units, a.shape[1], paths), summary=summary, figures=figures, links=links,
-                           warnings=[], sort="density:desc")
+        html = render_page(f"SAE {sae.architecture} on recorded responses: {kind}", _columns(units, kind),
+                           _rows(units, a.shape[1], paths), summary=summary, figures=figures, links=links,
+                           warnings=notes, sort="density:desc")
         write_page(out / page, html)
+
+
+def _columns(units: dict, label: str) -> list:
+    from sae.analysis.report import Column
+
+    return [Column("index", label, digits=6),
+            Column("density", "density", title="fraction of stimuli on which the unit is positive"),
+            *(Column(key, key.replace("ii_", "II "), title="interpretability index (Klindt et al. 2023)")
+              for key in sorted(units) if key.startswith("ii_")),
+            Column("examples", "top stimuli", kind="image")]
+
+
+def _rows(units: dict, n_units: int, paths: dict) -> list[dict]:
+    """One row per unit: its per-unit values and, for the units shown, its top-stimuli picture."""
+    rows = []
+    for u in range(n_units):
+        row = {"index": u, **{key: float(np.asarray(values)[u]) for key, values in units.items()}}
+        row.update(paths.get(u, {}))
+        rows.append(row)
+    return rows
 
 
 def _top_stimuli(folder: Path, prefix: str, acts: Tensor, units: list[int], images: Tensor, k: int) -> dict:

@@ -144,13 +144,10 @@ class SAEModule(L.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Whether Lightning writes this step's logs: the train/* statistics cost (B, d_sae) passes, so they
-        are computed only then."""
-        try:
-            trainer = self.trainer
-        except RuntimeError:  # not attached to a Trainer (a notebook): always
-            return True
-        # Lightning's own rule for writing logs (every log_every_n_steps-th step, and the last one).
-        return (trainer.global_step + 1) % max(int(trainer.log_every_n_steps), 1) == 0 or trainer.should_stop
+        are computed only then. Lightning's own answer (a private attribute: recomputing it from global_step
+        disagrees with it after a resume, where its count of stepped batches is what decides)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     @torch.no_grad()
     def _log_step(self, x: Tensor, out, losses, dead: Tensor) -> None:

@@ -153,7 +153,7 @@ def _fidelity(ctx: Context, cfg: Any) -> Section:
 
 @section("curves")
 def _curves(ctx: Context, cfg: Any) -> Section:
-    from sae.analysis.studies import curve_section
+    from sae.analysis.curve_study import curve_section
 
     return curve_section(ctx.extractor, ctx.sae, ctx.out, cfg, ctx.held, ctx.scans, ctx.weights, ctx.run.directory)
 

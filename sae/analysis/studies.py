@@ -29,15 +29,6 @@ log = logging.getLogger("sae.evaluate")
 
 
 # -- 3. curve detectors ---------------------------------------------------------------------------------
-def curve_section(extractor, sae: SparseAutoencoder, out: Path, cfg: Any, held: HeldOut,
-                  scans: dict[str, examples.ActivationScan] | None = None, weights: str = "unknown",
-                  run_dir: Path | None = None) -> Section:
-    """Curve detectors among the neurons and SAE features, each count beside its null (`sae.analysis.curve_study`)."""
-    from sae.analysis.curve_study import curve_section as section
-
-    return section(extractor, sae, out, cfg, held, scans, weights, run_dir)
-
-
 # -- 4. interpretability index --------------------------------------------------------------------------
 def interpretability_section(held: HeldOut, scans: dict[str, examples.ActivationScan], out: Path, cfg: Any,
                              sae: SparseAutoencoder | None = None) -> Section:

@@ -13,7 +13,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import BLOCK_LAYERS, INPUT, LOGITS, STEP_INDEX, STEPS, Step, ancestors, check_layer, layer_channels, layer_shape

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,11 +118,16 @@ def test_logger_none__trains_without_the_lr_monitor_complaining(tmp_path, vector
     assert (tmp_path / "run" / "sae.safetensors").is_file()
 
 
+def folder_with_broken_images(root: Path, good: int, broken: int, name: str) -> Path:
+    """`good` readable images and `broken` files named NAME<i>.jpg that no decoder reads."""
+    write_images(root, good)
+    for i in range(broken):
+        (root / f"{name}{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
 def test_corrupt_held_out_images__are_skipped_and_counted(tmp_path):
-    root = tmp_path / "images"
-    write_images(root, 8)
-    for i in range(4):
-        (root / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    root = folder_with_broken_images(tmp_path / "images", good=8, broken=4, name="broken")
     datamodule = ImageActivationDataModule(InceptionExtractor("conv2d0", pretrained=False), root=str(root),
                                            image_size=32, val_images=10, num_workers=0)
     images = datamodule.held_out_images()
@@ -177,10 +184,7 @@ def test_evaluate__an_export_of_another_layer_is_refused(tmp_path, image_folder)
 
 
 def test_held_out_image_folder_all_corrupt__is_one_error(tmp_path):
-    root = tmp_path / "images"
-    write_images(root, 3)
-    for i in range(6):
-        (root / f"z{i}.jpg").write_bytes(b"not an image")
+    root = folder_with_broken_images(tmp_path / "images", good=3, broken=6, name="z")
     datamodule = ImageActivationDataModule(InceptionExtractor("conv2d0", pretrained=False), root=str(root),
                                            image_size=32, val_images=6, num_workers=0, holdout=True)
     datamodule.val_indices = [i for i in range(len(datamodule.source)) if "z" in datamodule.source.describe(i)]

@@ -13,7 +13,6 @@ from sae.metrics import (
     DeadFraction,
     FeatureFiring,
     ReconstructionError,
-    SparsityMetrics,
     dense_fraction,
     density_histogram_figure,
     log10_density,
@@ -22,23 +21,24 @@ from sae.metrics import (
 log = logging.getLogger("sae")
 
 DEAD_WINDOW = 10_000_000  # vectors: the TopK paper's dead latent, when the module does not say otherwise
+TRAIN_KEYS = ("explained_variance", "fvu", "l0", "dead_fraction", "dense_fraction")  # sparsity/<key>
 
 
 class SparsityMonitor(L.Callback):
-    """Logs torchmetrics sparsity metrics, exact under DDP (every state is a sum over ranks).
+    """Logs torchmetrics sparsity metrics of training, exact under DDP (every state is a sum over ranks).
 
     Every `trainer.log_every_n_steps` steps, over the training vectors of that interval:
-    `sparsity/{mse,explained_variance,fvu,l0,dense_fraction}` and `sparsity/dead_fraction`, the fraction of
+    `sparsity/{explained_variance,fvu,l0,dense_fraction}` and `sparsity/dead_fraction`, the fraction of
     features that fired on none of the last `dead_window` vectors. With `dead_window=null` that is the
     module's own counter (`vectors_since_fired` >= `dead_window`, min(10M, a fifth of the run), summed over
     ranks every step: the definition resampling acts on, at no extra cost); a number gives a separate
-    `DeadFraction` metric with that window. At each validation, the same over the held-out vectors as
-    `sparsity/val_*` (dead there: fired on no held-out vector).
+    `DeadFraction` metric with that window. The batch's MSE is the module's `train/mse` (a loss term) and the
+    held-out values are the module's `val/*`: each quantity has one key.
 
     The log10 feature-density histogram, `log10(frequency + 1e-10)` (dead features at -10), goes to W&B
     (`wandb.Histogram`) or TensorBoard as `sparsity/density` every `histogram_every_n_steps` (over the
-    vectors since the last one) and at the end of training, and as `sparsity/val_density` at each
-    validation. Without W&B it is also drawn as a PNG in `<run_dir>/plots/`.
+    vectors since the last one) and at the end of training, and as `sparsity/val_density` after each
+    validation (the module's held-out frequencies). Without W&B it is also drawn as a PNG in `<run_dir>/plots/`.
 
     Reads the training step's outputs {"x", "x_hat", "f"} (x scaled as the SAE sees it). One pass over f
     per step (the firing counts); the histogram reuses each interval's counts. The metrics update on every
@@ -57,7 +57,6 @@ class SparsityMonitor(L.Callback):
         self.dead: DeadFraction | None = None
         self.density_counts: torch.Tensor | None = None  # (d_sae,) float64 firings since the last histogram
         self.density_vectors = 0
-        self.val: SparsityMetrics | None = None
         self._pending_state: dict | None = None
 
     # -- set-up -----------------------------------------------------------------------------------------
@@ -113,7 +112,7 @@ class SparsityMonitor(L.Callback):
         self.firing.reset()
         if self.dead is not None:
             self.dead.reset()
-        return {k: values[k] for k in SparsityMetrics.KEYS}
+        return {k: values[k] for k in TRAIN_KEYS}
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.firing is not None and int(self.firing.n_vectors) > 0:
@@ -128,25 +127,11 @@ class SparsityMonitor(L.Callback):
         return freq
 
     # -- validation -------------------------------------------------------------------------------------
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        sae = pl_module.sae
-        self.val = SparsityMetrics(sae.d_sae, DEAD_WINDOW, sae.d_in, self.dense_threshold).to(pl_module.device)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if isinstance(outputs, dict) and "f" in outputs:  # SAEModule returns what it encoded
-            self.val.update(outputs["x"], outputs["x_hat"], outputs["f"])
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # After the module's on_validation_epoch_end (Lightning calls callbacks' epoch-end hooks first).
+        freq = getattr(pl_module, "val_feature_frequency", None)
+        if trainer.sanity_checking or freq is None:
             return
-        x = batch.float() * getattr(pl_module, "input_scale", 1.0)
-        out = pl_module.sae(x)  # a module whose validation_step returns nothing (sae=multi): encode here
-        self.val.update(x, out.x_hat, out.f)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.val is None:
-            return
-        values = self.val.compute()
-        freq = self.val.feature_frequency()
-        self.val = None
-        pl_module.log_dict({f"sparsity/val_{k}": v for k, v in values.items()})
         self._histogram(trainer, "val_density", freq, trainer.global_step)
 
     # -- output -----------------------------------------------------------------------------------------

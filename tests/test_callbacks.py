@@ -18,6 +18,7 @@ import torch
 
 from callbacks import DatasetExamples, FeatureVisualization, SparsityMonitor
 from callbacks.periodic import PeriodicCallback
+from callbacks.sparsity import TRAIN_KEYS
 from sae.analysis.examples import (
     PAD_VALUE,
     TopExamples,
@@ -177,8 +178,9 @@ def test_wandb_offline_run__holds_the_image_grids_histograms_and_feature_table(e
     history = _flushed_history(next(run.glob("run-*.wandb")), b"sparsity/val_density")
     for key in (b"sparsity/density", b"sparsity/val_density"):
         assert re.search(re.escape(key) + rb'.{0,8}_type.{0,8}"histogram"', history, re.DOTALL), key
-    for key in (b"sparsity/l0", b"sparsity/fvu", b"sparsity/dead_fraction", b"sparsity/val_dense_fraction"):
+    for key in (b"sparsity/l0", b"sparsity/fvu", b"sparsity/dead_fraction", b"val/dense_fraction"):
         assert key in history
+    assert b"sparsity/val_l0" not in history and b"sparsity/mse" not in history, "one key per quantity"
     assert not (tmp_path / "plots").exists(), "W&B has the histograms: no PNG needed"
     assert (tmp_path / "features" / "visualizations" / "sae_step0000004.png").is_file()
 
@@ -196,13 +198,16 @@ def test_without_wandb__every_picture_is_a_file_in_the_run_directory(extractor, 
             assert f"{name}_step{step:07d}.png" in files, sorted(files)
     if logger == "csv":
         header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        for key in TRAIN_KEYS:
+            assert f"sparsity/{key}" in header
         for key in SparsityMetrics.KEYS:
-            assert f"sparsity/{key}" in header and f"sparsity/val_{key}" in header
+            assert f"val/{key}" in header and f"sparsity/val_{key}" not in header, "one key per quantity"
+        assert "train/l0" not in header and "sparsity/mse" not in header
 
 
-def test_sparsity_monitor__validation_values_equal_a_direct_computation(extractor, image_folder, tmp_path):
+def test_module__validation_values_equal_a_direct_computation(extractor, image_folder, tmp_path):
     datamodule = image_data(extractor, image_folder)
-    trainer, module = fit(datamodule, tmp_path, [SparsityMonitor()], max_steps=2)  # validates after step 2
+    trainer, module = fit(datamodule, tmp_path, [], max_steps=2)  # validates after step 2
     with torch.no_grad():
         x = torch.cat(list(datamodule.val_dataloader())) * module.input_scale
         f = module.sae.encode(x)
@@ -213,7 +218,7 @@ def test_sparsity_monitor__validation_values_equal_a_direct_computation(extracto
                 "mse": float((x - x_hat).pow(2).mean()), "dead_fraction": float((freq == 0).float().mean()),
                 "dense_fraction": float((freq > 0.1).float().mean())}
     for key, value in expected.items():
-        assert float(trainer.callback_metrics[f"sparsity/val_{key}"]) == pytest.approx(value, rel=1e-4, abs=1e-6)
+        assert float(trainer.callback_metrics[f"val/{key}"]) == pytest.approx(value, rel=1e-4, abs=1e-6)
 
 
 def test_visual_callbacks__say_once_that_vectors_have_no_images(tmp_path, caplog):

@@ -95,7 +95,7 @@ def test_train_py__trains_logs_and_exports(tmp_path):
     assert meta["layer"] == "conv2d2" and meta["d_sae"] == 384
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "config_resolved.yaml").exists()
     header = (run / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/mse", "train/l1", "train/l0", "train/explained_variance", "train/dead_fraction",
+    for key in ("train/mse", "train/l1", "sparsity/l0", "sparsity/explained_variance", "sparsity/dead_fraction",
                 "train/vectors_per_second", "val/mse", "val/explained_variance", "val/l0", "val/dead_fraction"):
         assert key in header, key
 

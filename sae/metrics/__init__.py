@@ -7,23 +7,11 @@ a feature fires where f > 0.
 
 from sae.metrics.collection import SparsityMetrics
 from sae.metrics.plots import density_histogram_figure
-from sae.metrics.reconstruction import FVU, MSE, ExplainedVariance, ReconstructionError
-from sae.metrics.sparsity import (
-    L0,
-    DeadFraction,
-    DenseFraction,
-    FeatureFiring,
-    dense_fraction,
-    log10_density,
-)
+from sae.metrics.reconstruction import ReconstructionError
+from sae.metrics.sparsity import DeadFraction, FeatureFiring, dense_fraction, log10_density
 
 __all__ = [
-    "FVU",
-    "L0",
-    "MSE",
     "DeadFraction",
-    "DenseFraction",
-    "ExplainedVariance",
     "FeatureFiring",
     "ReconstructionError",
     "SparsityMetrics",

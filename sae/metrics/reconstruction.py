@@ -18,30 +18,6 @@ from sae.metrics._rows import rows
 _F64 = torch.float64
 
 
-class MSE(Metric):
-    """Mean squared error per element, ``sum (x - x_hat)^2 / (N * d_in)``.
-
-    update(x, x_hat): x, x_hat (..., d_in). compute() -> scalar float32.
-    """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("sse", torch.zeros((), dtype=_F64), dist_reduce_fx="sum")
-        self.add_state("n_elements", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, x: Tensor, x_hat: Tensor) -> None:
-        err = x.to(_F64) - x_hat.to(_F64)
-        self.sse += err.square().sum()
-        self.n_elements += err.numel()
-
-    def compute(self) -> Tensor:
-        return (self.sse / self.n_elements).float()
-
-
 class ReconstructionError(Metric):
     """MSE, explained variance and FVU from one set of sufficient statistics.
 
@@ -98,27 +74,3 @@ class ReconstructionError(Metric):
             "explained_variance": (1.0 - fvu).float(),
             "fvu": fvu.float(),
         }
-
-
-class ExplainedVariance(ReconstructionError):
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, mean over all vectors seen.
-
-    See :class:`ReconstructionError`. update(x, x_hat): (..., d_in). compute() -> scalar.
-    """
-
-    higher_is_better = True
-
-    def compute(self) -> Tensor:
-        return super().compute()["explained_variance"]
-
-
-class FVU(ReconstructionError):
-    """Fraction of variance unexplained, ``1 - ExplainedVariance``.
-
-    See :class:`ReconstructionError`. update(x, x_hat): (..., d_in). compute() -> scalar.
-    """
-
-    higher_is_better = False
-
-    def compute(self) -> Tensor:
-        return super().compute()["fvu"]

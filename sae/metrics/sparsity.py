@@ -28,34 +28,11 @@ def log10_density(freq: Tensor, eps: float = 1e-10) -> Tensor:
     return torch.log10(freq + eps)
 
 
-class L0(Metric):
-    """Mean number of active features per vector, ``sum_n |{i: f_ni > 0}| / N``.
-
-    update(f): f (..., d_sae). compute() -> scalar float32.
-    """
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("n_active", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("n_vectors", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, f: Tensor) -> None:
-        f = rows(f)
-        self.n_active += (f > 0).sum()
-        self.n_vectors += f.shape[0]
-
-    def compute(self) -> Tensor:
-        return (self.n_active / self.n_vectors).float()
-
-
 class FeatureFiring(Metric):
     """Per-feature firing frequency, ``freq_i = |{n: f_ni > 0}| / N``.
 
     update(f): f (..., d_sae). compute() -> (d_sae,) float32.
-    Note ``freq.sum()`` equals L0 over the same vectors.
+    ``freq.sum()`` is L0 over the same vectors and ``dense_fraction(freq)`` the dense fraction.
     """
 
     is_differentiable = False
@@ -76,22 +53,6 @@ class FeatureFiring(Metric):
 
     def compute(self) -> Tensor:
         return (self.fire_count / self.n_vectors).float()
-
-
-class DenseFraction(FeatureFiring):
-    """Fraction of features firing on more than ``threshold`` of the vectors seen.
-
-    update(f): f (..., d_sae). compute() -> scalar float32.
-    """
-
-    higher_is_better = False
-
-    def __init__(self, d_sae: int, threshold: float = 0.1, **kwargs) -> None:
-        super().__init__(d_sae, **kwargs)
-        self.threshold = threshold
-
-    def compute(self) -> Tensor:
-        return dense_fraction(super().compute(), self.threshold)
 
 
 class DeadFraction(Metric):

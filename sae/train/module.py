@@ -134,7 +134,7 @@ class SAEModule(L.LightningModule):
                 + kept_checkpoint_hint(self._checkpoint_dir())
             )
         if self._logs_this_step():
-            self._log_step(x, out, losses, dead)
+            self._log_step(out, losses)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
         return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
 
@@ -150,18 +150,15 @@ class SAEModule(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     @torch.no_grad()
-    def _log_step(self, x: Tensor, out, losses, dead: Tensor) -> None:
-        residual = (x - out.x_hat).pow(2).sum()
-        total = (x - x.mean(dim=0)).pow(2).sum()
+    def _log_step(self, out, losses) -> None:
+        # The loss and its terms on this batch; L0, explained variance and the dead fraction over each logging
+        # interval are SparsityMonitor's (sparsity/*), so that each quantity has one key.
         self.log_dict({
             "train/loss": losses.loss,
             "train/mse": losses.mse,
             "train/sparsity_loss": losses.sparsity,
             "train/aux_loss": losses.aux,
             "train/l1": out.f.abs().sum(dim=1).mean(),
-            "train/l0": (out.f > 0).sum(dim=1, dtype=torch.int32).float().mean(),
-            "train/explained_variance": 1 - residual / total,
-            "train/dead_fraction": dead.float().mean(),
         }, on_step=True, prog_bar=False)
 
     def _any_dead(self, dead: Tensor) -> bool:

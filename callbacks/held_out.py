@@ -1,9 +1,9 @@
 """The SAE's features and the layer's neurons on the held-out images, shared by the visual callbacks.
 
 The held-out vectors are the validation batches the DataModule already extracted (image-major, every
-position), so a scan costs one SAE encoding of them and no InceptionV1 pass. Both visual callbacks select
-their features from the same scan, so at the same step they show the same features; the last scan is
-cached until the SAE's parameters change.
+position), so a scan costs one SAE encoding of them and no InceptionV1 pass: each visual callback scans on
+its own call (small next to its rendering), and as the scan is a pure function of the SAE's parameters, both
+select the same features at the same step.
 """
 
 from __future__ import annotations
@@ -12,29 +12,16 @@ import lightning as L
 
 from sae.analysis.examples import ActivationScan, scan_vectors, select_features, select_neurons
 
-_cache: dict = {}
-
-
 def has_images(datamodule) -> bool:
     return hasattr(datamodule, "held_out_images") and hasattr(datamodule, "extractor")
 
 
-def _version(pl_module: L.LightningModule) -> tuple:
-    sae = pl_module.sae
-    return (id(sae), pl_module.global_step, *(p._version for p in sae.parameters()))
-
-
 def feature_scan(trainer: L.Trainer, pl_module: L.LightningModule) -> ActivationScan:
     """Every SAE feature over the held-out images: per-image maxima and firing frequencies."""
-    key = _version(pl_module)
-    if _cache.get("key") != key:
-        datamodule = trainer.datamodule
-        _, h, w = datamodule.layer_shape
-        scale = float(pl_module.input_scale) if hasattr(pl_module, "input_scale") else 1.0
-        _cache.clear()
-        _cache.update(key=key, scan=scan_vectors(datamodule.val_dataloader(), (h, w), pl_module.sae,
-                                                 input_scale=scale))
-    return _cache["scan"]
+    datamodule = trainer.datamodule
+    _, h, w = datamodule.layer_shape
+    scale = float(pl_module.input_scale) if hasattr(pl_module, "input_scale") else 1.0
+    return scan_vectors(datamodule.val_dataloader(), (h, w), pl_module.sae, input_scale=scale)
 
 
 def neuron_scan(trainer: L.Trainer, neurons: list[int]) -> ActivationScan:

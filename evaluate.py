@@ -120,7 +120,7 @@ def log_to_wandb(cfg: DictConfig, run: LoadedRun, out: Path, metrics: dict, file
                                                                 name=f"eval-{run.layer}")
     try:
         wb = wandb.init(project=project, dir=str(run.directory or out), mode="offline" if offline else "online",
-                        **where)
+                        settings=wandb.Settings(silent=not cfg.get("verbose", False)), **where)
         flat = {f"eval/{key}": value for key, value in numeric_leaves(metrics).items()}
         flat.update({f"eval/{name}": wandb.Image(str(out / name)) for name in files if name.endswith(".png")})
         from sae.analysis.browser import wandb_feature_table

@@ -4,7 +4,6 @@ model table, no library deprecation notices. `verbose=true` brings all of it bac
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 
@@ -15,12 +14,12 @@ LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.uti
 
 
 def configure(verbose: bool = False) -> None:
-    """Set the libraries' console output for a run: quiet unless `verbose`."""
+    """Set the libraries' console output for a run: quiet unless `verbose` (W&B's own is a setting of its
+    logger: `silent` in sae.run.loggers.FallbackWandbLogger)."""
     if verbose:
         return
     for name in LIGHTNING_INFO:
         logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("WANDB_SILENT", "true")  # W&B's banner and sync hints: the run says where its files are
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     # Lightning's notes about our deliberate choices (an endless stream, no sanity check, few log steps).

@@ -66,15 +66,28 @@ class FallbackWandbLogger(WandbLogger):
       (a CSV file). Training is never interrupted by logging.
     """
 
-    def __init__(self, *args: Any, init_timeout: float = 90, **kwargs: Any) -> None:
-        if "settings" not in kwargs:
-            import wandb
+    def __init__(self, *args: Any, init_timeout: float = 90, silent: bool = True, offline: bool = False,
+                 **kwargs: Any) -> None:
+        import wandb
 
-            kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
-        super().__init__(*args, **kwargs)
-        self._wandb_init.pop("anonymous", None)  # deprecated in W&B: passing it at all prints a warning
+        # This run's settings, not the process's environment: `offline` goes here rather than to WandbLogger,
+        # which would set WANDB_MODE for the whole process; `silent` drops W&B's banner and sync hints (the
+        # run says where its files are).
+        self.settings = kwargs.pop("settings", None) or wandb.Settings(init_timeout=float(init_timeout),
+                                                                       silent=bool(silent))
+        if offline:
+            self.settings.mode = "offline"
+        super().__init__(*args, settings=self.settings, **kwargs)
+        # WandbLogger's own init arguments (a private dict: it has no public way to leave one out); `anonymous`
+        # is deprecated in W&B, and passing it at all prints a warning.
+        self._wandb_init.pop("anonymous", None)
         self.failure: str | None = None
         self._fallback: CSVLogger | None = None
+
+    def offline(self) -> bool:
+        """Whether this run logs offline: its settings say so, or the environment does (WANDB_MODE)."""
+        mode = self.settings.mode if "mode" in self.settings.model_fields_set else os.environ.get("WANDB_MODE", "")
+        return str(mode).lower() in ("offline", "dryrun")
 
     @property
     @rank_zero_experiment
@@ -86,13 +99,13 @@ class FallbackWandbLogger(WandbLogger):
         except Exception as e:  # noqa: BLE001 - any failure to start W&B: go offline, never stop training
             import wandb
 
-            if wandb.run is not None or os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            if wandb.run is not None or self.offline():
                 self._fail(e)
                 return DummyExperiment()
             log.warning("W&B could not start (%s: %s); logging offline under %s/wandb instead. Sync it later "
                         "with `wandb sync %s/wandb/offline-run-*`.", type(e).__name__, e, self.save_dir, self.save_dir)
-            os.environ["WANDB_MODE"] = "offline"
-            wandb.teardown()  # W&B reads its mode once per service: start a fresh one that reads "offline"
+            self.settings.mode = "offline"  # the settings object WandbLogger passes to wandb.init
+            wandb.teardown()  # a fresh service, not the one the failed start left behind
             return self.experiment
 
     def _fail(self, error: BaseException) -> None:
@@ -178,6 +191,8 @@ def build_logger(cfg: DictConfig, resumed_step: int | None = None) -> Any:
         # One W&B run per run directory: a resumed run continues it (its id is kept in the directory).
         overrides["id"] = wandb_run_id(Path(cfg.paths.output_dir))
         overrides["resume"] = "allow"
+        if target.endswith("FallbackWandbLogger"):
+            overrides["silent"] = not cfg.get("verbose", False)
         mode = os.environ.get("WANDB_MODE", "").lower()
         if mode in ("offline", "dryrun") or (not mode and not cfg.logger.get("offline") and not wandb_has_credentials()):
             overrides["offline"] = True

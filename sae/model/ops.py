@@ -56,6 +56,7 @@ def apply_step(net: nn.Module, step: Step, inputs: list[Tensor], owned: bool = F
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run any forward hook (its own or a global one)."""
+    # torch's hook dicts are private, but torch has no public way to ask whether a module has hooks.
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 

@@ -229,7 +229,8 @@ def wandb_run_id(run_dir: Path) -> str:
 class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger, but a resumed run appends to `metrics.csv` instead of deleting it: rows from the
     resumed step on (logged before the interruption, logged again now) are dropped by `resume_at`, so the file
-    is one history."""
+    is one history. CSVLogger has no public way to append, so this replaces its private writer (`_experiment`,
+    through its private filesystem handle `_fs`) and the writer's `_check_log_dir_exists`, which deletes the file."""
 
     @property
     @rank_zero_experiment

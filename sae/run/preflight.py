@@ -150,7 +150,7 @@ def check_run_dir(cfg: DictConfig, multirun: bool) -> None:
 
 def preflight(config_name: str, argv: list[str] | None = None) -> None:
     """Check the command line (see the module doc); on a certain error print one line and exit 2."""
-    from hydra._internal.utils import get_args_parser
+    from hydra._internal.utils import get_args_parser  # private: Hydra exposes no parser of its own flags
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -133,8 +133,7 @@ class SAEModule(L.LightningModule):
                 f"the training loss was found non-finite at step {self.global_step} (on some rank); the run stopped. "
                 + kept_checkpoint_hint(self._checkpoint_dir())
             )
-        if self._logs_this_step():
-            self._log_step(out, losses)
+        self._log_step(out, losses)
         self.log("loss", losses.loss, prog_bar=True, logger=False)
         return {"loss": losses.loss, "x": x.detach(), "x_hat": out.x_hat.detach(), "f": out.f.detach()}
 
@@ -142,17 +141,12 @@ class SAEModule(L.LightningModule):
         callback = getattr(self.trainer, "checkpoint_callback", None)
         return Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this step's logs: the train/* statistics cost (B, d_sae) passes, so they
-        are computed only then. Lightning's own answer (a private attribute: recomputing it from global_step
-        disagrees with it after a resume, where its count of stepped batches is what decides)."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
-
     @torch.no_grad()
     def _log_step(self, out, losses) -> None:
         # The loss and its terms on this batch; L0, explained variance and the dead fraction over each logging
-        # interval are SparsityMonitor's (sparsity/*), so that each quantity has one key.
+        # interval are SparsityMonitor's (sparsity/*), so that each quantity has one key. Logged every step:
+        # Lightning writes them on its own schedule (which a resumed run continues exactly), and the only
+        # pass they add is the L1 norm's.
         self.log_dict({
             "train/loss": losses.loss,
             "train/mse": losses.mse,

@@ -65,7 +65,7 @@ def project(arch: str, x: torch.Tensor, n_dead: int) -> Contender:
 
     def prepare():
         # Keep the first n_dead latents dead whatever fired last step (a window of 10M vectors, as module_step sets).
-        module.vectors_since_fired[:n_dead] = int(module.dead_window)
+        module.member.vectors_since_fired[:n_dead] = int(module.member.dead_window)
     assert isinstance(module, SAEModule)
     return Contender(step, prepare)
 

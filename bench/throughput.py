@@ -183,11 +183,8 @@ def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int =
 
     hp = {**arch_hparams(arch, sparse), **({"k": k} if arch in SPARSE_FAMILY else {}), **extra}
     module = SAEModule(D_IN, architecture=arch, expansion=EXPANSION, resample=None, **hp).to(x.device)
-    module.input_scale.fill_(1.0)
-    module.dead_window.fill_(10_000_000)
-    # As in a run with the default trainer.log_every_n_steps (20): the train/* statistics, three extra
-    # (B, d_sae) passes, are computed on logging steps only, which this loop of a few steps never reaches.
-    module._logs_this_step = lambda: False
+    module.member.input_scale.fill_(1.0)
+    module.member.dead_window.fill_(10_000_000)
     optimizer = torch.optim.Adam(module.sae.parameters(), fused=True)  # as SAEModule.configure_optimizers
 
     def step():

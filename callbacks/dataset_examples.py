@@ -39,40 +39,54 @@ class DatasetExamples(PeriodicCallback):
         self.k, self.crop_size = int(k), int(crop_size)
         self._neuron_grid = None  # the network is frozen: neurons' examples never change
         self._neurons_logged = False
-        self._table_column: tuple | None = None  # (density, examples per feature) of the last grid
+        self._table_column: dict[str, tuple] = {}  # per member: (density, examples per feature) of the last grid
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero and not self.disabled:
-            add_to_feature_table(trainer, self, "examples", *(self._table_column or ({}, {})), expected=visual_callbacks(trainer))
+            for name, _ in pl_module.named_members():
+                add_to_feature_table(trainer, pl_module.prefix(name), self, "examples",
+                                     *self._table_column.get(name, ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         if not has_images(datamodule):
             self.disable("the data has no images (precomputed vectors), so there are no dataset examples")
             return
-        images, layer, step = datamodule.held_out_images(), datamodule.extractor.layer, trainer.global_step
-        scan = feature_scan(trainer, pl_module)
+        for name, member in pl_module.named_members():
+            self.run_member(trainer, name, pl_module.prefix(name), member)
+        self.show_neurons(trainer)
+
+    def run_member(self, trainer: L.Trainer, name: str, prefix: str, member) -> None:
+        """One member's chosen features; logged under `prefix` (empty for a single SAE)."""
+        datamodule, step = trainer.datamodule, trainer.global_step
+        images, layer = datamodule.held_out_images(), datamodule.extractor.layer
+        scan = feature_scan(trainer, member)
         features = self.selection.pick_features(scan)
         if not features:
-            log.warning("%s at step %d: no SAE feature fired on the held-out images; nothing to show", self.name, step)
+            log.warning("%s at step %d: no SAE feature of %s fired on the held-out images; nothing to show",
+                        self.name, step, name or "the SAE")
             return
         sae_grid = self._grid(images, layer, scan, features, "feature",
-                              f"SAE features, step {step}: top {self.k} held-out crops")
+                              f"{prefix}SAE features, step {step}: top {self.k} held-out crops")
         top = scan.top(features, self.k)
         tiles = crops(images, layer, top, self.crop_size)
-        self._table_column = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
-                              {f: image_grid(tiles[j:j + 1], tile_captions=tile_captions(top)[j:j + 1])
-                               for j, f in enumerate(features)})
+        self._table_column[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+                                    {f: image_grid(tiles[j:j + 1], tile_captions=tile_captions(top)[j:j + 1])
+                                     for j, f in enumerate(features)})
+        save_png(sae_grid, run_dir(trainer) / "features" / "dataset_examples" / step_name(f"{prefix}sae", step))
+        # Each grid under its own key: W&B draws the images of one key at one size.
+        log_images(trainer, f"{prefix}{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+
+    def show_neurons(self, trainer: L.Trainer) -> None:
+        """The layer's neurons beside the features: scanned once (the network is frozen), saved each time."""
+        datamodule, step = trainer.datamodule, trainer.global_step
+        images, layer = datamodule.held_out_images(), datamodule.extractor.layer
         neurons = self.selection.pick_neurons(datamodule.d_in)
         if self._neuron_grid is None:
             self._neuron_grid = self._grid(images, layer, neuron_scan(trainer, neurons), neurons, "neuron",
                                            f"neurons of {layer}: top {self.k} held-out crops")
-        directory = run_dir(trainer) / "features" / "dataset_examples"
-        save_png(sae_grid, directory / step_name("sae", step))
-        save_png(self._neuron_grid, directory / step_name("neurons", step))
-        # Each grid under its own key: W&B draws the images of one key at one size.
-        log_images(trainer, f"{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+        save_png(self._neuron_grid, run_dir(trainer) / "features" / "dataset_examples" / step_name("neurons", step))
         if not self._neurons_logged:
             log_images(trainer, f"{self.key}/neurons", [self._neuron_grid], [f"neurons {neurons}"], step)
             self._neurons_logged = True

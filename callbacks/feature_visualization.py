@@ -48,7 +48,7 @@ class FeatureVisualization(PeriodicCallback):
         self.image_size, self.position, self.lr, self.seed = int(image_size), position, float(lr), int(seed)
         self._neuron_grid = None
         self._neurons_logged = False
-        self._table_column: tuple | None = None  # (density, image per feature) of the last rendering
+        self._table_column: dict[str, tuple] = {}  # per member: (density, image per feature) of the last rendering
 
     def render(self, extractor, directions: torch.Tensor) -> torch.Tensor:
         device = next(extractor.parameters()).device
@@ -59,35 +59,48 @@ class FeatureVisualization(PeriodicCallback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero and not self.disabled:
-            add_to_feature_table(trainer, self, "visualization", *(self._table_column or ({}, {})), expected=visual_callbacks(trainer))
+            for name, _ in pl_module.named_members():
+                add_to_feature_table(trainer, pl_module.prefix(name), self, "visualization",
+                                     *self._table_column.get(name, ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         if not has_images(datamodule):
             self.disable("the data are precomputed vectors, with no InceptionV1 to render through")
             return
-        extractor, step = datamodule.extractor, trainer.global_step
-        scan = feature_scan(trainer, pl_module)
+        for name, member in pl_module.named_members():
+            self.run_member(trainer, name, pl_module.prefix(name), member)
+        self.show_neurons(trainer)
+
+    def run_member(self, trainer: L.Trainer, name: str, prefix: str, member) -> None:
+        """Render one member's chosen features; logged under `prefix` (empty for a single SAE)."""
+        extractor, step = trainer.datamodule.extractor, trainer.global_step
+        scan = feature_scan(trainer, member)
         features = self.selection.pick_features(scan)
         if not features:
-            log.warning("%s at step %d: no SAE feature fired on the held-out images; nothing to show", self.name, step)
+            log.warning("%s at step %d: no SAE feature of %s fired on the held-out images; nothing to show",
+                        self.name, step, name or "the SAE")
             return
-        images = self.render(extractor, feature_directions(pl_module.sae, features))
+        images = self.render(extractor, feature_directions(member.sae, features))
         captions = [[f"feature {i}\n{frequency_label(scan, i)}" for i in features]]
-        self._table_column = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
-                              {i: image_grid(images[j][None, None]) for j, i in enumerate(features)})
+        self._table_column[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+                                    {i: image_grid(images[j][None, None]) for j, i in enumerate(features)})
         sae_grid = image_grid(images[None], tile_captions=captions,
-                              title=f"SAE features of {extractor.layer}, step {step} ({self.position})")
+                              title=f"{prefix}SAE features of {extractor.layer}, step {step} ({self.position})")
+        save_png(sae_grid, run_dir(trainer) / "features" / "visualizations" / step_name(f"{prefix}sae", step))
+        # Each grid under its own key: W&B draws the images of one key at one size.
+        log_images(trainer, f"{prefix}{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+
+    def show_neurons(self, trainer: L.Trainer) -> None:
+        """The layer's neurons beside the features: rendered once (the network is frozen), saved each time."""
+        datamodule, step = trainer.datamodule, trainer.global_step
+        extractor = datamodule.extractor
         neurons = self.selection.pick_neurons(datamodule.d_in)
         if self._neuron_grid is None:
             images = self.render(extractor, neuron_directions(datamodule.d_in, neurons))
             self._neuron_grid = image_grid(images[None], tile_captions=[[f"neuron {i}" for i in neurons]],
                                            title=f"neurons of {extractor.layer} ({self.position})")
-        directory = run_dir(trainer) / "features" / "visualizations"
-        save_png(sae_grid, directory / step_name("sae", step))
-        save_png(self._neuron_grid, directory / step_name("neurons", step))
-        # Each grid under its own key: W&B draws the images of one key at one size.
-        log_images(trainer, f"{self.key}/sae", [sae_grid], [f"SAE features {features} (step {step})"], step)
+        save_png(self._neuron_grid, run_dir(trainer) / "features" / "visualizations" / step_name("neurons", step))
         if not self._neurons_logged:
             log_images(trainer, f"{self.key}/neurons", [self._neuron_grid], [f"neurons {neurons}"], step)
             self._neurons_logged = True

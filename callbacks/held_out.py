@@ -16,12 +16,12 @@ def has_images(datamodule) -> bool:
     return hasattr(datamodule, "held_out_images") and hasattr(datamodule, "extractor")
 
 
-def feature_scan(trainer: L.Trainer, pl_module: L.LightningModule) -> ActivationScan:
-    """Every SAE feature over the held-out images: per-image maxima and firing frequencies."""
+def feature_scan(trainer: L.Trainer, member) -> ActivationScan:
+    """Every feature of one member's SAE (an SAETrainingState) over the held-out images: per-image maxima and
+    firing frequencies."""
     datamodule = trainer.datamodule
     _, h, w = datamodule.layer_shape
-    scale = float(pl_module.input_scale) if hasattr(pl_module, "input_scale") else 1.0
-    return scan_vectors(datamodule.val_dataloader(), (h, w), pl_module.sae, input_scale=scale)
+    return scan_vectors(datamodule.val_dataloader(), (h, w), member.sae, input_scale=float(member.input_scale))
 
 
 def neuron_scan(trainer: L.Trainer, neurons: list[int]) -> ActivationScan:

@@ -83,17 +83,18 @@ def log_histogram(trainer: L.Trainer, key: str, values: Tensor, step: int) -> bo
 
 
 # -- the W&B feature table: each visual callback adds its final pictures; the last one to finish logs it ----
-_table: dict[int, dict] = {}
+_table: dict[tuple[int, str], dict] = {}
 
 
-def add_to_feature_table(trainer: L.Trainer, contributor, column: str, density: dict[int, float],
+def add_to_feature_table(trainer: L.Trainer, prefix: str, contributor, column: str, density: dict[int, float],
                          images: dict[int, object], expected: list) -> None:
-    """Add `column` (PIL images per feature) from `contributor` to the run's W&B feature table; when every
-    callback in `expected` has added its column, log the table as `features/table` (a wandb.Table that a
-    W&B workspace sorts and filters: feature, density, then one image column per callback)."""
+    """Add `column` (PIL images per feature) from `contributor` to the W&B feature table of the member logged
+    under `prefix`; when every callback in `expected` has added its column, log the table as
+    `<prefix>features/table` (a wandb.Table that a W&B workspace sorts and filters: feature, density, then one
+    image column per callback)."""
     if not has_wandb(trainer):
         return
-    table = _table.setdefault(id(trainer), {"density": {}, "columns": {}, "done": set()})
+    table = _table.setdefault((id(trainer), prefix), {"density": {}, "columns": {}, "done": set()})
     table["density"].update(density)
     table["columns"][column] = images
     table["done"].add(id(contributor))
@@ -101,7 +102,7 @@ def add_to_feature_table(trainer: L.Trainer, contributor, column: str, density: 
         return
     import wandb
 
-    _table.pop(id(trainer), None)
+    _table.pop((id(trainer), prefix), None)
     columns = list(table["columns"])
     features = sorted({f for images in table["columns"].values() for f in images})
     rows = [[f, float(table["density"].get(f, float("nan"))),
@@ -109,4 +110,4 @@ def add_to_feature_table(trainer: L.Trainer, contributor, column: str, density: 
             for f in features]
     for logger in trainer.loggers:
         if _kind(logger) == "wandb":
-            logger.log_table("features/table", columns=["feature", "density", *columns], data=rows)
+            logger.log_table(f"{prefix}features/table", columns=["feature", "density", *columns], data=rows)

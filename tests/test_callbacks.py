@@ -33,6 +33,7 @@ from sae.metrics import SparsityMetrics
 from sae.model import InceptionExtractor, crop_box, load_inceptionv1
 from sae.nn import build_sae
 from sae.train import SAEModule
+from sae.train.multi import MultiSAEModule
 
 LAYER = "conv2d0"  # 64 channels, receptive field 7 px, stride 2: 16 x 16 positions on 32-px images
 
@@ -124,8 +125,10 @@ def image_data(extractor, image_folder: Path) -> ImageActivationDataModule:
                                      vectors_per_window=2048, image_batch_size=8, num_workers=0, val_images=6)
 
 
-def fit(datamodule, root: Path, callbacks: list, logger=False, max_steps: int = 4) -> tuple[L.Trainer, SAEModule]:
-    module = SAEModule(d_in=datamodule.d_in, expansion=2, init_sample=1024, lr_warmup_steps=1, lr=1e-3)
+def fit(datamodule, root: Path, callbacks: list, logger=False, max_steps: int = 4,
+        members: list | None = None) -> tuple[L.Trainer, SAEModule]:
+    hparams = dict(d_in=datamodule.d_in, expansion=2, init_sample=1024, lr_warmup_steps=1, lr=1e-3)
+    module = SAEModule(**hparams) if members is None else MultiSAEModule(members=members, **hparams)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=-1, val_check_interval=2, check_val_every_n_epoch=None,
         log_every_n_steps=2, num_sanity_val_steps=0, logger=logger, callbacks=callbacks, default_root_dir=root,
@@ -203,6 +206,17 @@ def test_without_wandb__every_picture_is_a_file_in_the_run_directory(extractor, 
         for key in SparsityMetrics.KEYS:
             assert f"val/{key}" in header and f"sparsity/val_{key}" not in header, "one key per quantity"
         assert "train/l0" not in header and "sparsity/mse" not in header
+
+
+def test_visual_callbacks__show_every_member_of_a_multi_run(extractor, image_folder, tmp_path):
+    fit(image_data(extractor, image_folder), tmp_path, visual_callbacks(),
+        members=[{"name": "a"}, {"name": "b", "architecture": "topk", "k": 4}])
+    files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")}
+    for name in ("a", "b"):
+        for picture in (f"plots/{name}/density", f"plots/{name}/val_density", f"features/visualizations/{name}/sae",
+                        f"features/dataset_examples/{name}/sae"):
+            assert f"{picture}_step0000004.png" in files, sorted(files)
+    assert "features/dataset_examples/neurons_step0000004.png" in files, "the neurons once, for all members"
 
 
 def test_module__validation_values_equal_a_direct_computation(extractor, image_folder, tmp_path):

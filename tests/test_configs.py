@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from sae.model.layers import LAYERS, layer_channels
-from sae.train import SAEModule
+from sae.train import SAETrainingState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,9 +82,10 @@ def test_sae_options__instantiate_with_their_config(arch):
 
 
 def test_sae_module__python_defaults_equal_the_configs():
-    """A notebook user who builds SAEModule(d_in) gets what `python train.py` gets."""
+    """A notebook user who builds SAEModule(d_in) gets what `python train.py` gets: its one SAETrainingState
+    holds the defaults."""
     cfg = _compose("config", ["sae=relu"])
-    defaults = {name: p.default for name, p in inspect.signature(SAEModule.__init__).parameters.items()
+    defaults = {name: p.default for name, p in inspect.signature(SAETrainingState.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     for key in ("lr", "betas", "lr_warmup_steps", "lr_decay_fraction", "b_dec_init", "init_sample",
                 "sparsity_warmup_steps", "dead_window"):

@@ -85,3 +85,8 @@ def test_train_multi__members_train_log_and_export(tmp_path):
     assert topk.architecture == "topk" and topk.k == 8
     header = next(run.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"tk/train/loss", "l1_coefficient=0.1/train/loss", "l1_coefficient=0.4/val/fvu"} <= set(header)
+    # Callbacks see every member, each under its own prefix.
+    for name in ("tk", "l1_coefficient=0.1", "l1_coefficient=0.4"):
+        assert {f"{name}/sparsity/l0", f"{name}/sparsity/dead_fraction"} <= set(header), name
+        assert (run / "plots" / name / "val_density_step0000004.png").is_file(), name
+    assert "train/loss" not in header and "sparsity/l0" not in header, "no unprefixed copy of a member's values"

@@ -82,6 +82,17 @@ def test_resume__sigterm_then_sigkill_then_resume_equals_uninterrupted_run(vecto
     assert load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 40
 
 
+def test_resume__every_member_of_a_multi_run_resumes_exactly(vectors, tmp_path):
+    """sae=multi keeps each member's training state (scale, counters, Adam groups, resampling) in the checkpoint."""
+    args = [*VECTOR_RUN, f"data.path={vectors}", "sae=multi", "sae.sweep.l1_coefficient=[0.1,0.4]"]
+    assert_ok(run(tmp_path / "whole", *args))
+    status, output = run_until(tmp_path / "cut", "step0000010.ckpt", signal.SIGTERM, *args)
+    assert status == 143, output[-3000:]
+    assert_ok(run(tmp_path / "cut", *args, "ckpt_path=last"))
+    for name in ("l1_coefficient=0.1", "l1_coefficient=0.4"):
+        assert torch.equal(W_dec(tmp_path / "cut" / "members" / name), W_dec(tmp_path / "whole" / "members" / name))
+
+
 def test_resume__image_stream_resumes_exactly(tmp_path):
     args = ["model.pretrained=false", "layer=conv2d1", "data.image_size=32", "data.batch_size=256",
             "data.num_workers=0", "data.vectors_per_window=2048", "data.image_batch_size=8", "data.val_images=4",

@@ -3,8 +3,8 @@
     python -m sae.cache layer=mixed3b data=imagefolder data.root=DIR out=CACHE vectors=20000000
     python train.py layer=mixed3b data=vectors data.path=CACHE
 
-`out=`, `vectors=` (or `images=`), `shard_vectors=` and `dtype=` belong to the cache; every other argument is
-a Hydra override of the project's configs (conf/), exactly as for train.py. The vectors are the training
+A Hydra entry point (conf/cache.yaml): `out=`, `vectors=` (or `images=`), `shard_vectors=` and `dtype=` belong
+to the cache; every other argument is an override of train.py's config, composed the same way. The vectors are the training
 stream itself (random crops, every position or `data.positions_per_image`, shuffled across each window of
 many images), written in order as `.npy` shards (float16 by default: half the disk and read time; the
 float16 rounding, 2^-11 relative, is far below an SAE's reconstruction error) with `manifest.json`.
@@ -19,23 +19,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sae.data.vectors import CACHE_FORMAT, MANIFEST_NAME
 from sae.errors import UserError
 from sae.nn.io import atomic_write_bytes
+from sae.run.configs import register_configs
+from sae.run.task import run_task
 
 log = logging.getLogger("sae.cache")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DTYPES = {"float16": np.float16, "float32": np.float32}
-CACHE_KEYS = ("out", "vectors", "images", "shard_vectors", "dtype")
 
 
 class CacheError(UserError, ValueError):
@@ -149,51 +152,47 @@ def write_cache(datamodule, out: str | Path, target_vectors: int, shard_vectors:
     return writer
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into the cache's own and Hydra overrides."""
-    own, overrides = {}, []
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key in CACHE_KEYS and "=" in arg:
-            own[key] = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    if "out" not in own:
+def write(cfg: DictConfig) -> CacheWriter:
+    """Write the cache that `cfg` (conf/cache.yaml, composed) asks for."""
+    if not cfg.get("out"):
         raise CacheError("give out=DIR, the folder to write the cache to.")
-    if ("vectors" in own) == ("images" in own):
+    if (cfg.get("vectors") is None) == (cfg.get("images") is None):
         raise CacheError("give exactly one of vectors=N (vectors to write) or images=N (images to extract).")
-    return own, overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from sae.run.configs import register_configs
-
-    register_configs()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=overrides)
     if "extractor" not in cfg.data:
         raise CacheError("the cache extracts activations from images: use data=imagefolder data.root=DIR or data=sample.")
     datamodule = instantiate(cfg.data)
     datamodule.device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = int(own["vectors"]) if "vectors" in own else int(own["images"]) * datamodule.vectors_per_image
+    target = int(cfg.vectors) if cfg.vectors is not None else int(cfg.images) * datamodule.vectors_per_image
     identity = {"layer": cfg.layer.name, "seed": cfg.seed,
                 "data": OmegaConf.to_container(cfg.data, resolve=True), "batch_size": datamodule.batch_size}
     for speed_only in ("extractor", "num_workers"):  # do not change the vectors: a resume may differ
         identity["data"].pop(speed_only, None)
     identity["model"] = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                          if k in ("pretrained", "weights", "autocast")}
-    shard_vectors = int(own.get("shard_vectors", 262144 // datamodule.batch_size * datamodule.batch_size))
-    write_cache(datamodule, own["out"], target, shard_vectors, own.get("dtype", "float16"), identity)
+    batch = datamodule.batch_size
+    shard_vectors = int(cfg.shard_vectors) if cfg.shard_vectors is not None else 262144 // batch * batch
+    return write_cache(datamodule, cfg.out, target, shard_vectors, str(cfg.dtype), identity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """In process (tests, notebooks): compose conf/cache.yaml with the overrides `argv` and write the cache."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("cache", overrides=list(argv or []))
+    write(cfg)
     return 0
 
 
-if __name__ == "__main__":
-    from sae.run.task import run_task
+@hydra.main(version_base="1.3", config_path="../conf", config_name="cache")
+def cli(cfg: DictConfig) -> None:
+    run_task(lambda: write(cfg))
 
-    sys.exit(run_task(main))
+
+if __name__ == "__main__":
+    from sae.run.preflight import preflight
+
+    register_configs()  # the generated groups (layer=...) before Hydra composes
+    preflight("cache")  # an unknown option or group choice: one line and exit 2, before Hydra starts
+    cli()

@@ -119,4 +119,5 @@ def test_cache__cli_writes_a_cache_that_data_vectors_reads(tmp_path):
 
     bad = subprocess.run([sys.executable, "-m", "sae.cache", *SMALL, "vectors=10"], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env=env)
-    assert bad.returncode == 2 and "out=DIR" in bad.stderr and "Traceback" not in bad.stderr
+    output = bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "out=DIR" in output and "Traceback" not in output

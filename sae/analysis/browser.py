@@ -297,6 +297,7 @@ its page.</span><span id="pager"></span></div>
 <table class="units"><thead><tr class="names"></tr><tr class="filters"></tr></thead><tbody></tbody></table>
 <div id="lightbox"><img alt=""></div>
 <script src="{data_file}"></script>
+<script>{_asset("table.js")}</script>
 <script>{_asset("index.js")}</script>
 </body></html>
 """

@@ -149,6 +149,7 @@ def render_page(
 {body_rows}
 </tbody></table>
 {default_sort}
+<script>{_asset("table.js")}</script>
 <script>{_asset("browser.js")}</script>
 </body></html>
 """

@@ -19,34 +19,7 @@
 
   function numeric(index) { return headers[index].dataset.type === "number"; }
 
-  // Number filters: "0.5" (equal), ">0.5", ">=0.5", "<0.5", "<=0.5", "0.1..0.5" (inclusive range).
-  // Text filters: a case-insensitive substring.
-  function matches(value, filter, isNumber) {
-    if (!filter) return true;
-    if (!isNumber) return value.toLowerCase().includes(filter.toLowerCase());
-    const x = parseFloat(value);
-    const range = filter.split("..");
-    if (range.length === 2) return x >= parseFloat(range[0]) && x <= parseFloat(range[1]);
-    const m = filter.match(/^(>=|<=|>|<|=)?\s*(-?[\d.eE+-]+|nan)$/);
-    if (!m) return true;
-    const y = parseFloat(m[2]);
-    switch (m[1]) {
-      case ">": return x > y;
-      case ">=": return x >= y;
-      case "<": return x < y;
-      case "<=": return x <= y;
-      default: return isNaN(y) ? isNaN(x) : x === y;
-    }
-  }
-
-  function compare(a, b, isNumber) {
-    if (!isNumber) return a.localeCompare(b);
-    const x = parseFloat(a), y = parseFloat(b);
-    if (isNaN(x) && isNaN(y)) return 0;
-    if (isNaN(x)) return 1;  // missing values sort last either way
-    if (isNaN(y)) return -1;
-    return x - y;
-  }
+  const { matches, compare } = window.TableRules;  // table.js
 
   function render() {
     let shown = rows.filter(row => headers.every((h, i) =>

@@ -44,33 +44,7 @@
     return id => tests.some(t => t(id));
   }
 
-  // Numbers: "0.5", ">0.5", ">=0.5", "<0.5", "<=0.5", "0.1..0.5"; text: a case-insensitive substring.
-  function matches(value, filter, type) {
-    if (!filter) return true;
-    if (type !== "number") return String(value ?? "").toLowerCase().includes(filter.toLowerCase());
-    const x = value === null || value === undefined ? NaN : +value;
-    const range = filter.split("..");
-    if (range.length === 2) return x >= parseFloat(range[0]) && x <= parseFloat(range[1]);
-    const m = filter.match(/^(>=|<=|>|<|=)?\s*(-?[\d.eE+-]+|nan)$/);
-    if (!m) return true;
-    const y = parseFloat(m[2]);
-    switch (m[1]) {
-      case ">": return x > y;
-      case ">=": return x >= y;
-      case "<": return x < y;
-      case "<=": return x <= y;
-      default: return isNaN(y) ? isNaN(x) : x === y;
-    }
-  }
-
-  function compare(a, b, type) {
-    if (type !== "number") return String(a ?? "").localeCompare(String(b ?? ""));
-    const x = a === null || a === undefined ? NaN : +a, y = b === null || b === undefined ? NaN : +b;
-    if (isNaN(x) && isNaN(y)) return 0;
-    if (isNaN(x)) return 1;  // missing values sort last either way
-    if (isNaN(y)) return -1;
-    return x - y;
-  }
+  const { matches, compare } = window.TableRules;  // table.js
 
   function sparkline(values, marker) {
     if (!values || !values.length) return "";
@@ -108,7 +82,7 @@
   function selected() {
     const ids = idMatcher(state.q);
     let shown = rows.filter(r => (!ids || ids(r.id)) &&
-      columns.every(c => matches(r[c.key], state.filters[c.key], c.type)));
+      columns.every(c => matches(r[c.key], state.filters[c.key], c.type === "number")));
     const c = columns.find(c => c.key === state.sort);
     if (c) {
       const sign = state.dir === "desc" ? -1 : 1;
@@ -116,7 +90,7 @@
       shown.sort((a, b) => {
         const x = a[c.key], y = b[c.key];
         const missing = type === "number" && (x === null || y === null || x === undefined || y === undefined);
-        return missing ? compare(x, y, type) : sign * compare(x, y, type) || a.id - b.id;
+        return missing ? compare(x, y, type === "number") : sign * compare(x, y, type === "number") || a.id - b.id;
       });
     }
     return shown;

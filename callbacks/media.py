@@ -83,18 +83,17 @@ def log_histogram(trainer: L.Trainer, key: str, values: Tensor, step: int) -> bo
 
 
 # -- the W&B feature table: each visual callback adds its final pictures; the last one to finish logs it ----
-_table: dict[tuple[int, str], dict] = {}
-
-
 def add_to_feature_table(trainer: L.Trainer, prefix: str, contributor, column: str, density: dict[int, float],
                          images: dict[int, object], expected: list) -> None:
     """Add `column` (PIL images per feature) from `contributor` to the W&B feature table of the member logged
     under `prefix`; when every callback in `expected` has added its column, log the table as
     `<prefix>features/table` (a wandb.Table that a W&B workspace sorts and filters: feature, density, then one
-    image column per callback)."""
+    image column per callback). The table being filled is held by the first of `expected`."""
     if not has_wandb(trainer):
         return
-    table = _table.setdefault((id(trainer), prefix), {"density": {}, "columns": {}, "done": set()})
+    holder = expected[0] if expected else contributor
+    tables = holder.feature_tables  # PeriodicCallback's: {prefix: the table being filled}
+    table = tables.setdefault(prefix, {"density": {}, "columns": {}, "done": set()})
     table["density"].update(density)
     table["columns"][column] = images
     table["done"].add(id(contributor))
@@ -102,7 +101,7 @@ def add_to_feature_table(trainer: L.Trainer, prefix: str, contributor, column: s
         return
     import wandb
 
-    _table.pop((id(trainer), prefix), None)
+    tables.pop(prefix, None)
     columns = list(table["columns"])
     features = sorted({f for images in table["columns"].values() for f in images})
     rows = [[f, float(table["density"].get(f, float("nan"))),

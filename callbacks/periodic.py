@@ -41,6 +41,7 @@ class PeriodicCallback(L.Callback):
         self.last_step: int | None = None
         self.postponed = 0
         self._t0: float | None = None
+        self.feature_tables: dict[str, dict] = {}  # the W&B feature tables being filled (callbacks.media)
 
     @property
     def active(self) -> bool:

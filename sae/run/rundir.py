@@ -29,6 +29,8 @@ from sae.errors import UserError
 log = logging.getLogger("sae")
 
 
+# Module-global: an OmegaConf resolver has nowhere else to keep an answer, and it must not change once Hydra
+# has written .hydra/overrides.yaml within the same process.
 _RECORD_DIRS: dict[str, str] = {}
 
 

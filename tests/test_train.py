@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from sae.nn import build_sae, load_sae
-from sae.train import ResampleSchedule, draw_replacements, lr_factor, resample_features_, sparsity_factor
+from sae.train import (
+    ResampleSchedule, SAETrainingState, draw_replacements, lr_factor, resample_features_, sparsity_factor,
+)
 from tests.helpers import assert_ok, run_train
 
 FAST = ["model.pretrained=false", "debug=fast", "logger=csv"]
@@ -127,3 +129,17 @@ def test_train_py__without_weights_offline_stops_at_once_naming_the_fixes(tmp_pa
     assert "model.pretrained=false" in text and "model.weights=" in text and "https://" in text
     assert "Traceback" not in text
     assert not (tmp_path / "run" / "checkpoints").exists(), "it stops before any training"
+
+
+def test_training_state__a_step_counts_firing_and_the_l1_norm_without_lightning():
+    """SAETrainingState is a plain nn.Module: one SAE's step, its firing counters and its L1 norm, no Trainer."""
+    torch.manual_seed(0)
+    state = SAETrainingState(8, expansion=2, b_dec_init="mean", init_sample=64)
+    x = torch.rand(256, 8)
+    state.prepare(x, default_dead_window=1000)
+    step = state.step(x, global_step=0)
+    f = step.out.f.detach()
+    torch.testing.assert_close(step.l1, f.abs().sum(dim=1).mean())
+    fired = (f > 0).any(dim=0)
+    assert torch.equal(state.vectors_since_fired == 0, fired)
+    assert bool((state.vectors_since_fired[~fired] == 256).all()) and not step.nonfinite

@@ -97,15 +97,15 @@ class SAETrainer(L.LightningModule):
     def _log_step(self, prefix: str, step) -> None:
         # The loss and its terms on this batch; L0, explained variance and the dead fraction over each logging
         # interval are SparsityMonitor's (sparsity/*), so that each quantity has one key. Logged every step:
-        # Lightning writes them on its own schedule (which a resumed run continues exactly), and the only
-        # pass they add is the L1 norm's.
+        # Lightning writes them on its own schedule (which a resumed run continues exactly); none costs a
+        # pass over the batch (the L1 norm comes with the firing counts, SAETrainingState.step).
         losses = step.losses
         self.log_dict({
             f"{prefix}train/loss": losses.loss,
             f"{prefix}train/mse": losses.mse,
             f"{prefix}train/sparsity_loss": losses.sparsity,
             f"{prefix}train/aux_loss": losses.aux,
-            f"{prefix}train/l1": step.out.f.abs().sum(dim=1).mean(),
+            f"{prefix}train/l1": step.l1,
         }, on_step=True, prog_bar=False)
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -32,13 +32,14 @@ HOST_CHECK_EVERY = 10  # steps between reads of device flags (dead latents, non-
 
 
 class Step(NamedTuple):
-    """One member's forward pass on a batch: x (B, d_in) scaled inputs, the SAE's output and loss, and
-    whether the loss has been non-finite on some rank."""
+    """One member's forward pass on a batch: x (B, d_in) scaled inputs, the SAE's output and loss, whether
+    the loss has been non-finite on some rank, and l1, the mean L1 norm of f (a scalar)."""
 
     x: Tensor
     out: SAEOutput
     losses: SAELoss
     nonfinite: bool
+    l1: Tensor
 
 
 class SAETrainingState(nn.Module):
@@ -125,11 +126,11 @@ class SAETrainingState(nn.Module):
         dead = self.vectors_since_fired >= self.dead_window
         losses = self.sae.loss(x, out, sparsity_scale=sparsity_factor(global_step, self.sparsity_warmup_steps),
                                dead_mask=dead if self.any_dead_now(dead, global_step) else None)
-        # f >= 0 for every architecture, so a latent fired in this batch iff its largest activation is > 0:
-        # one reduction instead of a (B, d_sae) bool mask and a second pass over it.
-        fired = out.f.detach().amax(dim=0) > 0
-        nonfinite = self.update_firing(fired, x.shape[0], ~torch.isfinite(losses.loss.detach()), global_step)
-        return Step(x, out, losses, nonfinite)
+        # f >= 0 for every architecture, so a latent fired in this batch iff its column sum is > 0, and the
+        # column sums add up to the batch's L1 norm: one reduction gives both, with no (B, d_sae) bool mask.
+        column_sums = out.f.detach().sum(dim=0)
+        nonfinite = self.update_firing(column_sums > 0, x.shape[0], ~torch.isfinite(losses.loss.detach()), global_step)
+        return Step(x, out, losses, nonfinite, column_sums.sum() / x.shape[0])
 
     def any_dead_now(self, dead: Tensor, global_step: int) -> bool:
         """Whether any latent is dead, read from the device once every HOST_CHECK_EVERY steps (not per step).

@@ -126,11 +126,11 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None) -> float | No
             trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", False)
         if trainer.is_global_zero:
             try:
-                module.export(out_dir)
+                exported = module.export(out_dir)
             except OSError as e:  # a full disk: the checkpoint above is whole, the export is not written
                 raise OutputDirError(f"cannot write the export to {out_dir} ({e.strerror or e}); free space, then "
                                      "export again by resuming with ckpt_path=last.") from e
-            log.info("exported %s", out_dir / "sae.safetensors")
+            log.info("exported %s", exported)
         value = trainer.callback_metrics.get(cfg.optimized_metric)
         return None if value is None else float(value)
     finally:

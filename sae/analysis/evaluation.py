@@ -80,6 +80,10 @@ def load_run(run: str | Path | None = None, ckpt: str | Path | None = None) -> L
     from sae.train.module import SAEModule
 
     checkpoint = load_checkpoint_file(path, map_location="cpu", weights_only=True)  # a safe load, checked whole
+    if len(checkpoint.get("members") or {}) > 1:
+        raise RunNotFoundError(f"{path} is a sae=multi checkpoint of several SAEs ({', '.join(checkpoint['members'])}); "
+                               "evaluate one member's export instead: run=RUN_DIR/members/NAME (written when the "
+                               "run ends; resume it with ckpt_path=last to finish it).")
     module = SAEModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     scale = float(module.input_scale) or 1.0

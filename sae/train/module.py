@@ -171,10 +171,9 @@ class SAETrainer(L.LightningModule):
         )
 
     # -- export ---------------------------------------------------------------------------------------
-    def export(self, directory: str | Path, **metadata: Any) -> None:
-        """Write sae.safetensors + sae.json in the layer's units (atomic)."""
-        for member in self.members:
-            member.export(directory, self.global_step, **metadata)
+    def export(self, directory: str | Path, **metadata: Any) -> Path:
+        """Write the members' exports under `directory` (atomic); returns the file a user opens first."""
+        raise NotImplementedError
 
 
 class SAEModule(SAETrainer):
@@ -202,6 +201,11 @@ class SAEModule(SAETrainer):
     @property
     def metadata(self) -> dict:
         return self.member.metadata
+
+    def export(self, directory: str | Path, **metadata: Any) -> Path:
+        """Write sae.safetensors + sae.json in the layer's units (atomic); returns the weights' path."""
+        self.member.export(directory, self.global_step, **metadata)
+        return Path(directory) / "sae.safetensors"
 
 
 def plain(value: Any) -> Any:

@@ -78,11 +78,12 @@ class MultiSAEModule(SAETrainer):
             self.members.append(SAETrainingState(d_in, **member_kwargs(shared, configs[name]),
                                                  metadata={**(metadata or {}), "member": name}))
 
-    def export(self, directory: str | Path, **metadata: Any) -> None:
+    def export(self, directory: str | Path, **metadata: Any) -> Path:
         """Write each member to `directory/members/<name>/` (sae.safetensors + sae.json) and list them in
-        `directory/members.json`."""
+        `directory/members.json` (returned)."""
         directory = Path(directory)
         for name, member in self.named_members():
             member.export(directory / "members" / name, self.global_step, **metadata)
         index = {"members": {name: f"members/{name}" for name in self.names}}
         atomic_write_bytes(directory / "members.json", json.dumps(index, indent=1).encode())
+        return directory / "members.json"

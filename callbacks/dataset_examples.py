@@ -39,14 +39,14 @@ class DatasetExamples(PeriodicCallback):
         self.k, self.crop_size = int(k), int(crop_size)
         self._neuron_grid = None  # the network is frozen: neurons' examples never change
         self._neurons_logged = False
-        self._table_column: dict[str, tuple] = {}  # per member: (density, examples per feature) of the last grid
+        self.table_columns: dict[str, tuple] = {}  # per member: (density, examples per feature) of the last grid
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero and not self.disabled:
             for name, _ in pl_module.named_members():
                 add_to_feature_table(trainer, pl_module.prefix(name), self, "examples",
-                                     *self._table_column.get(name, ({}, {})), expected=visual_callbacks(trainer))
+                                     *self.table_columns.get(name, ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -71,7 +71,7 @@ class DatasetExamples(PeriodicCallback):
                               f"{prefix}SAE features, step {step}: top {self.k} held-out crops")
         top = scan.top(features, self.k)
         tiles = crops(images, layer, top, self.crop_size)
-        self._table_column[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+        self.table_columns[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
                                     {f: image_grid(tiles[j:j + 1], tile_captions=tile_captions(top)[j:j + 1])
                                      for j, f in enumerate(features)})
         save_png(sae_grid, run_dir(trainer) / "features" / "dataset_examples" / step_name(f"{prefix}sae", step))

@@ -48,7 +48,7 @@ class FeatureVisualization(PeriodicCallback):
         self.image_size, self.position, self.lr, self.seed = int(image_size), position, float(lr), int(seed)
         self._neuron_grid = None
         self._neurons_logged = False
-        self._table_column: dict[str, tuple] = {}  # per member: (density, image per feature) of the last rendering
+        self.table_columns: dict[str, tuple] = {}  # per member: (density, image per feature) of the last rendering
 
     def render(self, extractor, directions: torch.Tensor) -> torch.Tensor:
         device = next(extractor.parameters()).device
@@ -61,7 +61,7 @@ class FeatureVisualization(PeriodicCallback):
         if trainer.is_global_zero and not self.disabled:
             for name, _ in pl_module.named_members():
                 add_to_feature_table(trainer, pl_module.prefix(name), self, "visualization",
-                                     *self._table_column.get(name, ({}, {})), expected=visual_callbacks(trainer))
+                                     *self.table_columns.get(name, ({}, {})), expected=visual_callbacks(trainer))
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -83,7 +83,7 @@ class FeatureVisualization(PeriodicCallback):
             return
         images = self.render(extractor, feature_directions(member.sae, features))
         captions = [[f"feature {i}\n{frequency_label(scan, i)}" for i in features]]
-        self._table_column[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
+        self.table_columns[name] = ({i: float(scan.frequency[scan.units.index(i)]) for i in features},
                                     {i: image_grid(images[j][None, None]) for j, i in enumerate(features)})
         sae_grid = image_grid(images[None], tile_captions=captions,
                               title=f"{prefix}SAE features of {extractor.layer}, step {step} ({self.position})")

@@ -67,5 +67,5 @@ def visual_callbacks(trainer: L.Trainer) -> list:
     """The picture-making callbacks that will run at the end of training (they share the W&B feature table)."""
     from callbacks.periodic import PeriodicCallback
 
-    return [c for c in trainer.callbacks if isinstance(c, PeriodicCallback) and getattr(c, "_table_column", 0) != 0
+    return [c for c in trainer.callbacks if isinstance(c, PeriodicCallback) and hasattr(c, "table_columns")
             and c.at_end and not c.disabled]

@@ -1,8 +1,7 @@
-"""SparsityMonitor: `sparsity/*` metrics of training and validation, and the feature-density histogram."""
+"""SparsityMonitor: `sparsity/*` metrics over each logging interval of training, and the feature-density histograms."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -17,8 +16,6 @@ from sae.metrics import (
     density_histogram_figure,
     log10_density,
 )
-
-log = logging.getLogger("sae")
 
 TRAIN_KEYS = ("explained_variance", "fvu", "l0", "dead_fraction", "dense_fraction")  # sparsity/<key>
 

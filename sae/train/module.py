@@ -200,7 +200,8 @@ class SAEModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
         self.sae.normalize_decoder_()
-        if self.resample is not None and self.resample.due(self.global_step):
+        if self.resample is not None and self.resample.due(self.global_step, self.trainer.max_steps,
+                                                           self.lr_decay_fraction):
             self._resample(batch.float() * self.input_scale)
 
     def _resample(self, x: Tensor) -> None:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from sae.analysis.curve_criterion import angular_distance, curve_detectors, natural_scale
 from sae.analysis.curve_nulls import density_matched_directions, null_summary, poisson_tail
 from sae.analysis.curve_planted import planted_recovery, wheel_overlay
+from sae.analysis.curve_plots import wheel_verdict
 from sae.analysis.curves import Tuning, curve_ink, curve_stimuli, not_applicable, radial_tuning, unit_responses
 from sae.model import InceptionExtractor
 from tests.helpers import K, DrawnUnits, drawn_field, line_kernel
@@ -179,6 +180,10 @@ def test_planted_recovery__counts_features_neurons_and_false_positives():
     assert result["passing_mixed_neurons"] == 2  # channels 1 and 3 mix planted curves: not false positives
     overlay = wheel_overlay(result)
     assert overlay["planted"].tolist() == [0.0, 90.0, 180.0] and overlay["features"].tolist() == [0.0, 90.0]
+    null = {"expected": 7.5, "above_null": False}
+    heading = wheel_verdict(4, null, result).splitlines()
+    assert heading == ["planted: features recover 1 of the 2 curves no pure neuron covers",
+                       "4 curve features; 7.5 expected by chance: NOT above null"]
 
 
 def test_curve_section__counts_stand_beside_their_nulls(tmp_path):

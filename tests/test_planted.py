@@ -8,7 +8,7 @@ import torch
 
 from sae.analysis.curves import curve_stimuli, radial_tuning, stimulus_size, unit_responses
 from sae.model import InceptionExtractor, load_inceptionv1
-from sae.model.planted import PURE_CURVES, PlantedTruth, planted_truth
+from sae.model.planted import N_CURVES, PURE_CURVES, PlantedTruth, planted_truth
 
 BIN = 360.0 / 64
 
@@ -47,7 +47,7 @@ def _preferred(tuning) -> np.ndarray:
 def test_planted_curves__tuning_peaks_within_one_bin_of_the_planted_orientation(mixed3b_tuning):
     truth, features, channels = mixed3b_tuning
     curves = [i for i, kind in enumerate(truth.kind) if kind == "curve"]
-    assert len(curves) == 32
+    assert len(curves) == N_CURVES
     errors = _angle_error(_preferred(features)[curves], truth.orientation_deg[curves])
     assert errors.max() <= BIN, dict(zip(truth.orientation_deg[curves], errors.round(1)))
     # curves beat their tangent lines and 90-degree angles

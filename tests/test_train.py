@@ -54,6 +54,13 @@ def test_resample_schedule__fires_on_its_steps_only():
     assert [t for t in range(0, 50) if s.due(t)] == [10, 20, 30]
 
 
+def test_resample_schedule__never_in_the_learning_rate_decay_nor_at_the_last_step():
+    s = ResampleSchedule(every_n_steps=2500, until_step=10_000)
+    # the defaults: 5000 steps, decay over the last 20%; a resample at step 5000 would export untrained latents
+    assert [t for t in range(0, 5001) if s.due(t, total_steps=5000, decay_fraction=0.2)] == [2500]
+    assert [t for t in range(0, 5001) if s.due(t, total_steps=5000, decay_fraction=0.0)] == [2500]
+
+
 def test_schedules__warm_up_and_decay():
     assert lr_factor(0, 10, 100, 0.2) == pytest.approx(0.1)
     assert lr_factor(50, 10, 100, 0.2) == 1.0

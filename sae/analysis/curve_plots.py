@@ -17,13 +17,17 @@ def _degrees(values) -> np.ndarray:
     return np.remainder(np.asarray(values, dtype=np.float64).ravel(), 360.0)
 
 
-def wheel_verdict(n_curve_features: int, null: Mapping | None) -> str | None:
+def wheel_verdict(n_curve_features: int, null: Mapping | None, planted: Mapping | None = None) -> str | None:
     """The wheel's subtitle: how many curve features chance gives (the null's expected count), and whether
-    the SAE's count is above it."""
-    if not null:
-        return None
-    state = "above null" if null.get("above_null") else "NOT above null"
-    return f"{n_curve_features} curve features; {null['expected']:.1f} expected by chance: {state}"
+    the SAE's count is above it; on a planted network first the recovery of the known curves."""
+    lines = []
+    if planted:
+        lines.append(f"planted: features recover {planted['recovered_by_features_not_by_neurons']} of the "
+                     f"{planted['n_not_covered_by_neurons']} curves no pure neuron covers")
+    if null:
+        state = "above null" if null.get("above_null") else "NOT above null"
+        lines.append(f"{n_curve_features} curve features; {null['expected']:.1f} expected by chance: {state}")
+    return "\n".join(lines) or None
 
 
 def orientation_wheel(

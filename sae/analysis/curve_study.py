@@ -226,14 +226,16 @@ def curve_section(extractor, sae, out: Path, cfg: Any, held, scans: dict | None 
         **curve_metrics(families, n_units, float((cfg.get("nulls") or {}).get("alpha", 0.05))),
     }
     reports = {kind: families[kind].report for kind in ("neurons", "features")}
-    known = curves.KNOWN_CURVE_NEURONS.get(extractor.layer, [])
+    planted = weights == "planted" or getattr(extractor, "weights_source", None) == "planted"
+    # The 10 known curve neurons are channels of lucid's trained mixed3b; on a planted network they are nothing.
+    known = [] if planted else curves.KNOWN_CURVE_NEURONS.get(extractor.layer, [])
     if known:
         metrics["known_curve_neurons"] = {
             str(n): {"is_curve": bool(reports["neurons"].is_curve[n]),
                      "preferred_orientation": float(reports["neurons"].preferred_orientation[n])} for n in known}
         metrics["gap_known_neurons_deg"] = orientation_gap(reports["neurons"].preferred_orientation[known].numpy())
     overlay = None
-    if weights == "planted" or getattr(extractor, "weights_source", None) == "planted":
+    if planted:
         from sae.analysis.curve_planted import load_truth, planted_recovery, wheel_overlay
 
         truth = load_truth(extractor.layer, run_dir)
@@ -260,7 +262,8 @@ def _write_figures(section, families: dict[str, Family], metrics: dict, known: l
         families["neurons"].orientations, families["features"].orientations,
         known={n: float(neurons.preferred_orientation[n]) for n in known} or None,
         null_features=families["null_features"].orientations if "null_features" in families else None,
-        planted=overlay, verdict=curve_plots.wheel_verdict(metrics["n_curve_features"], null.get("features")))
+        planted=overlay, verdict=curve_plots.wheel_verdict(metrics["n_curve_features"], null.get("features"),
+                                                           metrics.get("planted")))
     section.files.append(save_figure(wheel, out / "curves_orientations.png"))
     for kind in ("neurons", "features"):
         units = _strongest_curves(families[kind].report, n_plot, known if kind == "neurons" else [])

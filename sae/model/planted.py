@@ -11,7 +11,7 @@ Construction (every layer up to mixed3b; the rest of the network keeps its seede
   orientation energy; colours copied.
 * conv2d2 (3x3, stride 4): energy summed along the edge and minus the mean over orientations (a sharper
   orientation tuning). 16 "line" channels (0-15) and 8 "colour" channels (16-23).
-* mixed3a (stride 8, receptive field 59 px): 32 curve detectors in the 5x5 branch (channels 192-223), each an
+* mixed3a (stride 8, receptive field 59 px): 16 curve detectors in the 5x5 branch (channels 192-207), each an
   arc of orientation energy: samples of an arc of radius ``CURVE_RADIUS`` are splatted bilinearly over the 5x5
   grid and interpolated linearly across the 16 orientation channels, minus the tangent line's template (so
   curves beat lines) and a threshold; 16 line detectors in the 3x3 branch (64-79), 8 colour detectors and one
@@ -19,13 +19,12 @@ Construction (every layer up to mixed3b; the rest of the network keeps its seede
   stimuli and from firing rates on scikit-image's sample photographs; each feature is then scaled so that its
   mean activation where it fires on those photographs is 1.
 * mixed3b: the 1x1 branch is a non-negative mixing of those mixed3a channels with zero bias, so channels
-  0-127 are exactly a linear superposition of the planted features: ``PURE_CURVES`` (10 orientations covering
-  half the circle) get a channel each, the other 22 curves, the 16 lines, 8 colours and the texture detector
-  share ``N_POLY`` polysemantic channels (each feature on 3, each channel holding 4-5 features). The 3x3, 5x5
+  0-127 are exactly a linear superposition of the planted features: ``PURE_CURVES`` (6 orientations within
+  half the circle, with gaps) get a channel each, the other 10 curves, the 16 lines, 8 colours and the texture
+  detector share ``N_POLY`` polysemantic channels (each feature on 3, each channel holding 3-4 features). The 3x3, 5x5
   and pool branches (channels 128-479) keep their random weights, scaled by ``RANDOM_BRANCH_SCALE``.
 
-Orientation convention (sae.analysis.curves): degrees counter-clockwise on screen, a curve at theta bulges
-towards theta; a line's orientation is its normal, in [0, 180).
+The strokes, templates and kernels are in ``planted_geometry``.
 """
 
 from __future__ import annotations
@@ -41,140 +40,19 @@ import torch
 from torch import Tensor, nn
 
 from .layers import INPUT, ancestors, layer_channels
+from .planted_geometry import (CALIBRATION_SIZE, N_CURVES, N_EDGE, curve_orientations, curve_template, edge_kernel,
+                               edge_orientations, gaussian_blob, line_template, render_stroke)
 from .preprocess import preprocess
 
 PLANTED = "planted"
-N_EDGE = 16                      # edge/line orientations (normals mod 180), 11.25 degrees apart
-N_CURVES = 32                    # curve orientations over 360 degrees, 11.25 degrees apart
-PURE_CURVES = (0, 1, 3, 4, 6, 8, 9, 12, 13, 15)  # curve indices with a mixed3b channel of their own
+PURE_CURVES = (0, 1, 2, 4, 5, 7)  # curve indices with a mixed3b channel of their own (0-157.5 deg, with gaps)
 N_POLY = 32                      # polysemantic mixed3b channels
 FEATURES_PER_POLY = 3            # channels each superposed feature loads on
 COLOURS = ((1, -1, 0), (-1, 1, 0), (-0.5, -0.5, 1), (0.5, 0.5, -1), (1, 0, -1), (-1, 0, 1), (0, 1, -1), (0, -1, 1))
-CURVE_RADIUS = 28.0              # px: the arc each curve detector is built from
-CURVE_HALF_LENGTH = 24.0         # px of arc on each side of the midpoint
-CENTRE_SIGMA = 16.0              # px: arc samples are weighted by a Gaussian around the centre
-LINE_INHIBITION = 0.5            # weight of the tangent line's template subtracted from each curve template
-ANGLE_INHIBITION = 0.5           # and of the angles' (openings 60, 90, 120 degrees)
 RANDOM_BRANCH_SCALE = 0.1        # mixed3b's random 3x3/5x5/pool branches, relative to lucent's init
 SEED = 16
 # mixed3a channels of the planted features (concat order: 1x1 0-63, 3x3 64-191, 5x5 192-223, pool 224-255)
 MIXED3A_COLOUR, MIXED3A_TEXTURE, MIXED3A_LINE, MIXED3A_CURVE = 0, 8, 64, 192
-
-
-def curve_orientations() -> np.ndarray:
-    return np.arange(N_CURVES) * (360.0 / N_CURVES)
-
-
-def edge_orientations() -> np.ndarray:
-    return np.arange(N_EDGE) * (180.0 / N_EDGE)
-
-
-# ---------------------------------------------------------------------------------------------- geometry
-def _unit(deg: float | np.ndarray) -> tuple:
-    """(dx, dy) on screen (y down) of the direction deg, counter-clockwise."""
-    rad = np.deg2rad(deg)
-    return np.cos(rad), -np.sin(rad)
-
-
-def _splat(grid: np.ndarray, y: float, x: float, value: np.ndarray) -> None:
-    """Add value (n_orient,) at fractional grid position (y, x) of grid (n_orient, K, K), bilinearly."""
-    y0, x0 = math.floor(y), math.floor(x)
-    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
-        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
-            if 0 <= yy < grid.shape[1] and 0 <= xx < grid.shape[2] and wy * wx > 0:
-                grid[:, yy, xx] += wy * wx * value
-
-
-def _orientation_weights(normal_deg: float) -> np.ndarray:
-    """(N_EDGE,) linear interpolation of an edge normal (mod 180) onto the orientation channels."""
-    step = 180.0 / N_EDGE
-    position = (normal_deg % 180.0) / step
-    below = math.floor(position)
-    weights = np.zeros(N_EDGE)
-    weights[below % N_EDGE] += 1 - (position - below)
-    weights[(below + 1) % N_EDGE] += position - below
-    return weights
-
-
-def _stroke_template(points: np.ndarray, normals: np.ndarray, size: int, stride: float,
-                     weights: np.ndarray | None = None) -> np.ndarray:
-    """(N_EDGE, size, size): orientation energy expected along a stroke sampled at points (n, 2) px (x, y)
-    relative to the kernel centre, with edge normals (n,) degrees; positions on a grid of ``stride`` px, each
-    sample spread over the grid by a Gaussian of SPLAT_SIGMA cells (smoother in position than bilinear)."""
-    cells = np.arange(size) - (size - 1) / 2
-    weights = np.ones(len(points)) if weights is None else weights
-    grid = np.zeros((N_EDGE, size, size))
-    for (x, y), normal, weight in zip(points, normals, weights):
-        gy = np.exp(-((cells - y / stride) ** 2) / (2 * SPLAT_SIGMA**2))
-        gx = np.exp(-((cells - x / stride) ** 2) / (2 * SPLAT_SIGMA**2))
-        spread = gy[:, None] * gx[None, :]
-        grid += weight * _orientation_weights(normal)[:, None, None] * spread / spread.sum()
-    return grid / weights.sum()
-
-
-SPLAT_SIGMA = 0.5
-
-
-def _arc(theta: float, radius: float, half_length: float, n: int = 81) -> tuple[np.ndarray, np.ndarray]:
-    """Points (n, 2) and edge normals (n,) of an arc through 0 bulging towards theta (radius inf: the line)."""
-    s = np.linspace(-half_length, half_length, n)
-    if math.isinf(radius):
-        tx, ty = _unit(theta + 90)
-        return np.stack([s * tx, s * ty], 1), np.full(n, theta % 180)
-    alpha = np.rad2deg(s / radius)
-    ux, uy = _unit(theta)
-    px, py = _unit(theta + alpha)
-    return np.stack([radius * (px - ux), radius * (py - uy)], 1), (theta + alpha) % 180
-
-
-def _angle(theta: float, opening: float, half_length: float, n: int = 81) -> tuple[np.ndarray, np.ndarray]:
-    """Points and normals of two straight arms from 0, the corner pointing towards theta."""
-    s = np.linspace(0, half_length, n // 2 + 1)
-    points, normals = [], []
-    for sign in (1, -1):
-        direction = theta + 180 + sign * opening / 2
-        dx, dy = _unit(direction)
-        points.append(np.stack([s * dx, s * dy], 1))
-        normals.append(np.full(len(s), (direction + 90) % 180))
-    return np.concatenate(points), np.concatenate(normals)
-
-
-def _centre_weights(points: np.ndarray) -> np.ndarray:
-    """Samples near the kernel centre count more: there a curve is smooth and an angle has its corner."""
-    return np.exp(-(points**2).sum(1) / (2 * CENTRE_SIGMA**2))
-
-
-def curve_template(theta: float) -> np.ndarray:
-    """(N_EDGE, 5, 5) mixed3a 5x5 kernel of the curve detector bulging towards theta (stride 8 grid): the arc's
-    orientation energy minus that of the tangent line and of angles pointing the same way."""
-    def template(points, normals):
-        return _stroke_template(points, normals, size=5, stride=8.0, weights=_centre_weights(points))
-
-    arc = template(*_arc(theta, CURVE_RADIUS, CURVE_HALF_LENGTH))
-    line = template(*_arc(theta, math.inf, CURVE_HALF_LENGTH))
-    angles = np.mean([template(*_angle(theta, opening, CURVE_HALF_LENGTH)) for opening in (60.0, 90.0, 120.0)], 0)
-    return arc - LINE_INHIBITION * line - ANGLE_INHIBITION * angles
-
-
-def line_template(normal: float) -> np.ndarray:
-    """(N_EDGE, 3, 3) mixed3a 3x3 kernel of the straight-line detector with this normal (stride 8 grid)."""
-    return _stroke_template(*_arc(normal, math.inf, 8.0, n=33), size=3, stride=8.0)
-
-
-def _edge_kernel(normal: float, sigma_across: float = 1.2, sigma_along: float = 2.0) -> np.ndarray:
-    """(7, 7) derivative of an elongated Gaussian across the edge normal; a 0 -> 255 step across it gives 1."""
-    offsets = np.arange(-3, 4)
-    dx, dy = np.meshgrid(offsets, offsets)  # [row = dy, column = dx]
-    nx, ny = _unit(normal)
-    across, along = dx * nx + dy * ny, -dx * ny + dy * nx
-    kernel = across * np.exp(-across**2 / (2 * sigma_across**2) - along**2 / (2 * sigma_along**2))
-    return kernel / (255.0 * kernel[across > 0].sum())
-
-
-def _gaussian(size: int, sigma: float) -> np.ndarray:
-    offsets = np.arange(size) - (size - 1) / 2
-    g = np.exp(-(offsets[:, None] ** 2 + offsets[None] ** 2) / (2 * sigma**2))
-    return g / g.sum()
 
 
 def _tensor(a: np.ndarray) -> Tensor:
@@ -193,9 +71,9 @@ def _early_layers(net: nn.Module) -> None:
     """conv2d0, conv2d1, conv2d2: orientation energy (16 channels) and colour (8 channels)."""
     w0 = np.zeros((64, 3, 7, 7))
     for i, normal in enumerate(edge_orientations()):
-        kernel = _edge_kernel(normal) / 3  # the same on R, G, B: a grey-level edge
+        kernel = edge_kernel(normal) / 3  # the same on R, G, B: a grey-level edge
         w0[2 * i], w0[2 * i + 1] = kernel, -kernel
-    blob = _gaussian(7, 1.5)
+    blob = gaussian_blob(7, 1.5)
     for c, colour in enumerate(COLOURS):
         w0[2 * N_EDGE + c] = np.asarray(colour, dtype=float)[:, None, None] * blob / 255.0
     _set(net, "conv2d0", w0)
@@ -236,37 +114,13 @@ def _mixed3a_unscaled(net: nn.Module) -> None:
         template = line_template(normal)
         w3[MIXED3A_LINE - 64 + i, :N_EDGE] = template - template.sum(0, keepdims=True) / N_EDGE  # other orientations inhibit
     _set(net, "mixed3a_3x3", w3)
-    w5 = np.stack([curve_template(theta) for theta in curve_orientations()])
+    w5 = np.zeros((32, 16, 5, 5))
+    w5[:N_CURVES] = np.stack([curve_template(theta) for theta in curve_orientations()])
     _set(net, "mixed3a_5x5", w5)
     _set(net, "mixed3a_pool_reduce", np.zeros((32, 192, 1, 1)))
 
 
 # ---------------------------------------------------------------------------------------------- calibration
-CALIBRATION_SIZE = 95  # stimulus_size("mixed3b"): its centre is the receptive-field centre of position (5, 5)
-
-
-def render_stroke(theta: float, radius: float, width: float, polarity: int = 1, half_length: float = 24.0,
-                  size: int = CALIBRATION_SIZE) -> Tensor:
-    """(1, 3, size, size) uint8 grey image of an arc through the centre bulging towards theta (radius inf: the
-    straight line), anti-aliased; polarity 1: dark ink on white, -1: white on black."""
-    centre = (size - 1) / 2
-    coords = torch.arange(size, dtype=torch.float64) - centre
-    py, px = coords[:, None], coords[None, :]
-    nx, ny = _unit(theta)
-    if math.isinf(radius):
-        along = (-px * ny + py * nx).clamp(-half_length, half_length)
-        d = torch.hypot(px - along * -ny, py - along * nx)
-    else:
-        ox, oy = -radius * nx, -radius * ny  # the circle's centre
-        angle = torch.rad2deg(torch.atan2(-(py - oy), px - ox))
-        delta = torch.remainder(angle - theta + 180, 360) - 180
-        half = min(math.degrees(half_length / radius), 90.0)
-        ends = [torch.hypot(px - ox - radius * _unit(theta + s * half)[0], py - oy - radius * _unit(theta + s * half)[1])
-                for s in (1, -1)]
-        d = torch.where(delta.abs() <= half, (torch.hypot(px - ox, py - oy) - radius).abs(), torch.minimum(*ends))
-    ink = (width / 2 + 0.5 - d).clamp(0, 1)
-    grey = 255.0 * (1 - ink) if polarity == 1 else 255.0 * ink
-    return grey.round().to(torch.uint8).expand(1, 3, size, size)
 
 
 def _responses(net: nn.Module, step: str, images: Tensor, everywhere: bool = False) -> Tensor:
@@ -424,7 +278,7 @@ def _mixing() -> tuple[np.ndarray, tuple[int | None, ...]]:
             channel = int(pure_channels[PURE_CURVES.index(k)])
             mixing[f, channel], pure[f] = 1.0, channel
             continue
-        # the least-loaded polysemantic channels (ties broken at random): every channel holds 4-5 features
+        # the least-loaded polysemantic channels (ties broken at random): every channel holds 3-4 features
         chosen = np.lexsort((rng.random(N_POLY), load))[:FEATURES_PER_POLY]
         load[chosen] += 1
         weights = rng.uniform(0.5, 1.0, FEATURES_PER_POLY)

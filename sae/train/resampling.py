@@ -27,8 +27,12 @@ class ResampleSchedule:
     until_step: int | None = 100_000
     encoder_scale: float = 0.2
 
-    def due(self, step: int) -> bool:
-        """`step` counts completed optimizer steps (1-based)."""
+    def due(self, step: int, total_steps: int | None = None, decay_fraction: float = 0.0) -> bool:
+        """`step` counts completed optimizer steps (1-based). Never from the start of the learning-rate decay
+        (the last `decay_fraction` of `total_steps`) on, nor at the last step: a latent resampled there has no
+        time to learn (Bricken et al. 2023 resample early in a long run), and the export would keep it untrained."""
+        if total_steps is not None and total_steps > 0 and step >= total_steps * (1 - decay_fraction):
+            return False
         return step > 0 and step % self.every_n_steps == 0 and (self.until_step is None or step <= self.until_step)
 
 

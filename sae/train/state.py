@@ -168,8 +168,9 @@ class SAETrainingState(nn.Module):
         """(d_sae,) bool: the latents silent for `dead_window` vectors."""
         return self.vectors_since_fired >= self.dead_window
 
-    def resample_due(self, global_step: int) -> bool:
-        return self.resample is not None and self.resample.due(global_step)
+    def resample_due(self, global_step: int, total_steps: int | None = None) -> bool:
+        """Whether to resample now: never once the learning rate decays (ResampleSchedule.due)."""
+        return self.resample is not None and self.resample.due(global_step, total_steps, self.lr_decay_fraction)
 
     def resample_dead(self, x: Tensor, global_step: int, optimizer: torch.optim.Optimizer,
                       broadcast: Callable[[Tensor], Tensor]) -> int:

@@ -1,21 +1,23 @@
 """The Gorton experiment on the known-answer network: do SAE features recover the curve detectors that no
 neuron holds?
 
-    python bench/planted_curves.py                                   # topk and relu, 150 steps each
-    python bench/planted_curves.py --sae topk --steps 1000 --data-root DIR
+    python bench/planted_curves.py                                   # the default SAE (ReLU), conf defaults
+    python bench/planted_curves.py --sae relu topk --steps 1500 --data-root DIR
     python bench/planted_curves.py --runs RUN_DIR [RUN_DIR ...]      # measure finished runs only
 
-Each SAE is trained through `train.py model=planted layer=mixed3b data=imagefolder data.root=DIR sae=ARCH`
-(the conf/ defaults otherwise; `--data-root sample` uses data=sample) and evaluated through
-`evaluate.py run=RUN eval.sections=[reconstruction,curves]`, as a user would. The planted network
-(sae/model/planted.py) has 32 curve detectors at mixed3b, 10 of them pure channels; the other 22 live only in
-superposition. Reported per run:
+The planted network's mixed3b stream over the images (`data=imagefolder data.root=DIR`: random crops, every
+position) is cached once with `python -m sae.cache model=planted layer=mixed3b ...` (`--vectors`, resumable),
+then each SAE is trained through `train.py model=planted layer=mixed3b data=vectors data.path=CACHE sae=ARCH`
+(the conf/ defaults otherwise, 5000 steps unless `--steps`) and evaluated through
+`evaluate.py run=RUN data=imagefolder data.root=DIR eval.sections=[reconstruction,curves]`, as a user would.
+The planted network (sae/model/planted.py) has 16 curve detectors at mixed3b, 6 of them pure channels; the
+other 10 live only in superposition. Reported per run:
 
 * from metrics.json's curves.planted (the curve criterion applied): planted curves recovered by features
   where no pure neuron covers them (best-matching decoder row at cos > 0.9, passing the criterion, preferred
   orientation within 360/64 degrees), by neurons, and the false positives;
-* criterion-free, from the export (load_sae): how many of the 22 superposed curves have a best-matching
-  decoder row at cos > 0.9 whose radial tuning peaks within 360/64 degrees of the planted orientation.
+* criterion-free, from the export (load_sae): how many of the superposed curves have a best-matching decoder
+  row at cos > 0.9 whose radial tuning peaks within 360/64 degrees of the planted orientation.
 """
 
 from __future__ import annotations
@@ -45,19 +47,32 @@ MAX_ERROR = 360.0 / 64
 MIN_COSINE = 0.9
 
 
-def train(arch: str, steps: int, data_root: str, out: Path, extra: list[str]) -> float:
+def cache(data_root: str, vectors: int, out: Path) -> Path:
+    """The planted mixed3b stream over data_root, written once (sae.cache resumes an interrupted cache)."""
     data = ["data=sample"] if data_root == "sample" else ["data=imagefolder", f"data.root={data_root}"]
-    command = [sys.executable, str(REPO / "train.py"), "model=planted", "layer=mixed3b", *data, f"sae={arch}",
-               f"trainer.max_steps={steps}", "logger=csv", f"hydra.run.dir={out}", *extra]
+    command = [sys.executable, "-m", "sae.cache", "model=planted", "layer=mixed3b", *data, f"out={out}",
+               f"vectors={vectors}", "dtype=float32"]
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def train(arch: str, steps: int | None, vectors: Path, out: Path, extra: list[str]) -> float:
+    command = [sys.executable, str(REPO / "train.py"), "model=planted", "layer=mixed3b", "data=vectors",
+               f"data.path={vectors}", f"sae={arch}", "logger=csv", f"hydra.run.dir={out}", *extra]
+    if steps is not None:
+        command.append(f"trainer.max_steps={steps}")
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
-def evaluate(run: Path) -> dict:
+def evaluate(run: Path, data_root: str) -> dict:
     command = [sys.executable, str(REPO / "evaluate.py"), f"run={run}", "eval.sections=[reconstruction,curves]",
                "logger=none"]
+    if "VectorDataModule" in (run / "config_resolved.yaml").read_text():  # trained on cached vectors: evaluate on images
+        command += ["data=sample"] if data_root == "sample" else ["data=imagefolder", f"data.root={data_root}"]
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((run / "eval" / "metrics.json").read_text())
@@ -92,8 +107,9 @@ def measure(run: Path, extractor, stimuli, truth) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", nargs="+", default=["topk", "relu"])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--sae", nargs="+", default=["relu"])
+    parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the conf's)")
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="planted mixed3b vectors to cache")
     parser.add_argument("--data-root", default="/work/shared/data/imagenet-sample-1k")
     parser.add_argument("--out", default="outputs/bench_planted_curves")
     parser.add_argument("--runs", nargs="*", default=None, help="measure these finished runs; train nothing")
@@ -105,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         runs = [Path(r) for r in args.runs]
     else:
+        vectors = cache(args.data_root, args.vectors, Path(args.out) / "cache")
         for arch in args.sae:
-            out = Path(args.out) / f"{arch}-{args.steps}"
-            walls[str(out)] = train(arch, args.steps, args.data_root, out, args.overrides)
+            out = Path(args.out) / f"{arch}-{args.steps or 'default'}"
+            walls[str(out)] = train(arch, args.steps, vectors, out, args.overrides)
             runs.append(out)
     net = load_inceptionv1(weights="planted")
     extractor = InceptionExtractor("mixed3b", net=net)
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pure curve neurons: {len(pure)} at {sorted(truth.orientation_deg[pure].tolist())} deg; "
           f"max tuning error {pure_error.max():.2f} deg")
     for run in runs:
-        metrics = evaluate(run) if not args.no_eval else {}
+        metrics = evaluate(run, args.data_root) if not args.no_eval else {}
         planted = (metrics.get("curves") or {}).get("planted")
         if planted:
             print(f"{run}: curves.planted: {planted['n_planted']} planted, {planted['n_pure']} pure; recovered by "

@@ -20,7 +20,7 @@ from tests.helpers import REPO, assert_ok, run, single_thread_env, text, train_c
 # optimizer, the LR schedule, the dead-feature counters and resampling all have state to restore.
 VECTOR_RUN = ["data=vectors", "data.check_width=false", "data.batch_size=128", "data.val_fraction=0.1",
               "sae.expansion=4", "sae.init_sample=512", "sae.lr_warmup_steps=8", "sae.dead_window=256",
-              "sae.resample.every_n_steps=10", "sae.resample.until_step=30", "trainer.max_steps=40",
+              "sae.resample={every_n_steps:10,until_step:30}", "trainer.max_steps=40",
               "trainer.val_check_interval=20", "callbacks.model_checkpoint.every_n_train_steps=10",
               "logger=csv", "model.pretrained=false"]
 

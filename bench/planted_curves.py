@@ -47,13 +47,20 @@ MAX_ERROR = 360.0 / 64
 MIN_COSINE = 0.9
 
 
-def cache(data_root: str, vectors: int, out: Path) -> Path:
-    """The planted mixed3b stream over data_root, written once (sae.cache resumes an interrupted cache)."""
-    data = ["data=sample"] if data_root == "sample" else ["data=imagefolder", f"data.root={data_root}"]
-    command = [sys.executable, "-m", "sae.cache", "model=planted", "layer=mixed3b", *data, f"out={out}",
-               f"vectors={vectors}", "dtype=float32"]
+def _data(data_root: str) -> list[str]:
+    return ["data=sample"] if data_root == "sample" else ["data=imagefolder", f"data.root={data_root}"]
+
+
+def _run(command: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cache(data_root: str, vectors: int, out: Path) -> Path:
+    """The planted mixed3b stream over data_root, written once (sae.cache resumes an interrupted cache)."""
+    command = [sys.executable, "-m", "sae.cache", "model=planted", "layer=mixed3b", *_data(data_root), f"out={out}",
+               f"vectors={vectors}", "dtype=float32"]
+    _run(command)
     return out
 
 
@@ -63,18 +70,16 @@ def train(arch: str, steps: int | None, vectors: Path, out: Path, extra: list[st
     if steps is not None:
         command.append(f"trainer.max_steps={steps}")
     start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _run(command)
     return time.perf_counter() - start
 
 
 def evaluate(run: Path, data_root: str) -> dict:
     command = [sys.executable, str(REPO / "evaluate.py"), f"run={run}", "eval.sections=[reconstruction,curves]",
                "logger=none"]
-    if "VectorDataModule" in (run / "config_resolved.yaml").read_text():  # trained on cached vectors: evaluate on images
-        command += ["data=sample"] if data_root == "sample" else ["data=imagefolder", f"data.root={data_root}"]
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if json.loads((run / "sae.json").read_text()).get("data") == "sae.data.VectorDataModule":  # evaluate on images
+        command += _data(data_root)
+    _run(command)
     return json.loads((run / "eval" / "metrics.json").read_text())
 
 

@@ -123,7 +123,7 @@ class SAETrainingState(nn.Module):
         """Forward and loss on a (B, d_in) batch, and the firing counters updated over all ranks."""
         x = batch.float() * self.input_scale
         out = self.sae(x)
-        dead = self.vectors_since_fired >= self.dead_window
+        dead = self.dead_mask()
         losses = self.sae.loss(x, out, sparsity_scale=sparsity_factor(global_step, self.sparsity_warmup_steps),
                                dead_mask=dead if self.any_dead_now(dead, global_step) else None)
         # f >= 0 for every architecture, so a latent fired in this batch iff its column sum is > 0, and the

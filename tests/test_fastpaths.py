@@ -196,6 +196,17 @@ def test_bench__harness_imports_and_describes_itself(script, option):
     assert result.returncode == 0 and option in result.stdout
 
 
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_bench__module_step_runs_without_a_trainer(arch):
+    # bench/peers.py and bench/throughput.py time SAEModule's step with no Trainer attached.
+    from bench.throughput import D_IN, module_step
+
+    step = module_step(arch, torch.randn(64, D_IN))
+    before = step.module.sae.W_dec.detach().clone()
+    step()
+    assert not torch.equal(before, step.module.sae.W_dec)
+
+
 def _heap_ranges() -> list[tuple[int, int]]:
     ranges = []
     with open("/proc/self/maps") as maps:

@@ -115,7 +115,9 @@ class SAETrainer(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
         for name, member in self.named_members():
             member.sae.normalize_decoder_()
-            if member.resample_due(self.global_step, self.trainer.max_steps):
+            # The schedule reads the trainer's step count only when resampling is on: the benchmarks drive the
+            # module's step without a Trainer.
+            if member.resample is not None and member.resample_due(self.global_step, self.trainer.max_steps):
                 n_dead = member.resample_dead(batch.float() * member.input_scale, self.global_step,
                                               self.optimizers().optimizer,
                                               lambda t: self.trainer.strategy.broadcast(t, src=0))

@@ -200,8 +200,9 @@ def test_sparse_encoder_grad__matches_the_dense_gradient(architecture, k, with_a
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
 
 
-def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_wide: bool):
-    """TopK / BatchTopK loss written out densely from the papers, sharing nothing with sae.nn but the weights."""
+def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_wide: bool, aux_stride: int = 1):
+    """TopK / BatchTopK loss written out densely from the papers, sharing nothing with sae.nn but the weights.
+    AuxK sums over every aux_stride-th input."""
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     if batch_wide:
         values, flat = pre.relu().flatten().topk(sae.k * x.shape[0])
@@ -212,10 +213,10 @@ def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_w
     x_hat = f @ sae.W_dec + sae.b_dec
     loss = ((x_hat - x) ** 2).mean()
     if dead is not None and dead.any():
-        residual = (x - x_hat).detach()
-        dead_pre = pre.masked_fill(~dead, float("-inf"))
+        residual = (x - x_hat).detach()[::aux_stride]
+        dead_pre = pre[::aux_stride].masked_fill(~dead, float("-inf"))
         values, indices = dead_pre.topk(min(sae.k_aux, int(dead.sum())), dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        f_aux = torch.zeros_like(dead_pre).scatter(-1, indices, values.relu())
         error = ((residual - f_aux @ sae.W_dec) ** 2).sum()
         loss = loss + sae.aux_k_coefficient * error / ((residual - residual.mean(dim=0)) ** 2).sum()
     return loss, x_hat, f, pre
@@ -225,11 +226,13 @@ def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_w
 # AuxK off; every dead latent kept (5 <= k_aux 8); top 8 of 20 dense on the dead columns; top 8 of 100 sparse
 @pytest.mark.parametrize("n_dead", [0, 5, 20, 100])
 @pytest.mark.parametrize("sparse_decode", [True, False])
-def test_topk_training_step__equals_an_independent_dense_computation(architecture, n_dead, sparse_decode):
+@pytest.mark.parametrize("aux_batch_size", [None, 16])  # 16 of 48: AuxK on every third input
+def test_topk_training_step__equals_an_independent_dense_computation(architecture, n_dead, sparse_decode,
+                                                                       aux_batch_size):
     """The training forward (selection outside autograd, gradients through the selected entries only, AuxK on
-    the dead columns) gives the textbook loss, outputs and gradients."""
+    the dead columns of a sample of the inputs) gives the textbook loss, outputs and gradients."""
     sae = make(architecture, d_in=16, d_sae=256, k=6, aux_k_coefficient=0.5, sparse_decode=sparse_decode,
-               sparse_encoder_grad=True)
+               sparse_encoder_grad=True, aux_batch_size=aux_batch_size)
     perturb_(sae)
     x = torch.randn(48, 16)
     dead = torch.zeros(256, dtype=torch.bool)
@@ -240,7 +243,8 @@ def test_topk_training_step__equals_an_independent_dense_computation(architectur
     loss.backward()
     fast = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    expected, x_hat, f, pre = _textbook_topk_loss(sae, x, dead, architecture == "batchtopk")
+    expected, x_hat, f, pre = _textbook_topk_loss(sae, x, dead, architecture == "batchtopk",
+                                                  aux_stride=3 if aux_batch_size else 1)
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for name, a, b in (("x_hat", out.x_hat, x_hat), ("f", out.f, f), ("pre_acts", out.pre_acts, pre)):

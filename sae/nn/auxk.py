@@ -25,8 +25,24 @@ def resolve_k_aux(k_aux: int | None, d_in: int, d_sae: int) -> int:
     return k_aux
 
 
+def resolve_aux_batch_size(aux_batch_size: int | None) -> int | None:
+    """``aux_batch_size``: a positive number of inputs, or None for the whole batch."""
+    return None if aux_batch_size is None else check_positive_int("aux_batch_size", aux_batch_size)
+
+
+def aux_rows(batch: int, aux_batch_size: int | None) -> slice:
+    """The inputs AuxK reconstructs: every (batch / aux_batch_size)-th, at most aux_batch_size of them.
+
+    Batches come shuffled (sae/data), so evenly spaced rows are a uniform sample of the batch; a view, with no
+    random draw, so a resumed run repeats it exactly."""
+    if aux_batch_size is None or batch <= aux_batch_size:
+        return slice(None)
+    return slice(0, (batch // aux_batch_size) * aux_batch_size, batch // aux_batch_size)
+
+
 def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None, k_aux: int,
-              coefficient: float, encoder: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+              coefficient: float, encoder: tuple[Tensor, Tensor, Tensor] | None = None,
+              aux_batch_size: int | None = None) -> Tensor:
     """Scalar ``coefficient * ||e - e_hat||^2 / ||e - mean(e)||^2``; zero without dead latents.
 
     x (B, d_in); out.x_hat (B, d_in), out.pre_acts (B, d_sae); W_dec (d_sae, d_in); dead_mask (d_sae,) bool.
@@ -34,9 +50,13 @@ def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None
     k_aux ReLU'd pre-activations of the dead latents. Normalising by the residual's own variance keeps the
     signal alive as the residual shrinks.
 
+    Both sums run over ``aux_rows(B, aux_batch_size)`` only: an unbiased sample of the batch's error. The cost
+    grows with inputs x k_aux (each kept entry reads and updates a decoder row), so on the whole batch AuxK
+    outweighed the TopK step itself once many latents were dead (bench/README.md).
+
     ``encoder`` = (x, W_enc (d_in, d_sae), bias (d_sae,)) when out.pre_acts carry no gradient (the TopK family's
-    sparse-gradient forward): then only the dead latents' columns are read, and the gradient reaches W_enc,
-    the bias and W_dec through those entries alone (see ``_dead_reconstruction``).
+    sparse-gradient forward): then the dead latents' pre-activations are recomputed for the sampled rows, and
+    the gradient reaches W_enc, the bias and W_dec through those entries alone (see ``_dead_reconstruction``).
     """
     if dead_mask is None or coefficient == 0:
         return out.f.new_zeros(())
@@ -45,20 +65,23 @@ def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None
         # A trainer bug, not a user's configuration: a plain ValueError.
         raise ValueError(f"dead_mask must be a bool tensor of shape ({d_sae},), got "
                          f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
-    residual = (x - out.x_hat).detach()
+    rows = aux_rows(x.shape[0], aux_batch_size)
+    residual = (x[rows] - out.x_hat[rows]).detach()
     if encoder is not None:
-        residual_hat = _dead_reconstruction(W_dec, out.pre_acts, dead_mask, k_aux, *encoder)
+        x_enc, W_enc, bias = encoder
+        residual_hat = _dead_reconstruction(W_dec, dead_mask, k_aux, x_enc[rows], W_enc, bias)
         if residual_hat is None:
             return out.f.new_zeros(())
     else:
         # Live latents get -inf, which relu maps to a zero weight with zero gradient; this avoids a host sync
         # to count the dead latents (when fewer than k_aux are dead the rest are zeros).
-        dead_pre_acts = out.pre_acts.masked_fill(~dead_mask, float("-inf"))
+        dead_pre_acts = out.pre_acts[rows].masked_fill(~dead_mask, float("-inf"))
         values, indices = dead_pre_acts.topk(k_aux, dim=-1, sorted=False)
         weights = values.relu().to(W_dec.dtype)
         residual_hat = F.embedding_bag(indices, W_dec, per_sample_weights=weights, mode="sum")
     error = F.mse_loss(residual_hat, residual, reduction="sum")
-    variance = (residual.var(dim=0, correction=0).sum() * residual.shape[0]).clamp_min(torch.finfo(error.dtype).tiny)
+    # One pass each: var(dim=0) over a (B, d_in) batch cost more than the rest of AuxK with few dead latents.
+    variance = (residual - residual.mean(dim=0)).square().sum().clamp_min(torch.finfo(error.dtype).tiny)
     any_dead = dead_mask.any().to(error.dtype)
     return coefficient * any_dead * error / variance
 
@@ -68,15 +91,16 @@ def auxk_loss(W_dec: Tensor, x: Tensor, out: SAEOutput, dead_mask: Tensor | None
 DENSE_AUXK_MAX_RATIO = 4
 
 
-def _dead_reconstruction(W_dec: Tensor, pre_acts: Tensor, dead_mask: Tensor, k_aux: int, x: Tensor,
-                         W_enc: Tensor, bias: Tensor) -> Tensor | None:
-    """e_hat (B, d_in) from the top-k_aux dead pre-activations, touching the dead latents' columns only.
+def _dead_reconstruction(W_dec: Tensor, dead_mask: Tensor, k_aux: int, x: Tensor, W_enc: Tensor,
+                         bias: Tensor) -> Tensor | None:
+    """e_hat (R, d_in) for the sampled inputs x (R, d_in) from their top-k_aux dead pre-activations, touching the
+    dead latents' columns only.
 
-    One host sync counts the dead latents (n). Up to DENSE_AUXK_MAX_RATIO * k_aux of them, their
-    pre-activations are recomputed with autograd by one (B, d_in) x (d_in, n) product and the rest is dense on
-    n columns (with n <= k_aux every dead latent is kept: no selection at all). Beyond that the top k_aux are
-    picked from the pre-activations already computed and the gradient flows through those B * k_aux entries
-    only (``sparse_grad.py``). None when no latent is dead.
+    One host sync counts the dead latents (n), whose pre-activations are recomputed by one (R, d_in) x (d_in, n)
+    product. Up to DENSE_AUXK_MAX_RATIO * k_aux of them, that product carries the gradient and the rest is dense
+    on n columns (with n <= k_aux every dead latent is kept: no selection at all). Beyond, the top k_aux are
+    picked without autograd and the gradient flows through those R * k_aux entries only (``sparse_grad.py``).
+    None when no latent is dead.
     """
     dead = dead_mask.nonzero().squeeze(1)
     n = dead.numel()
@@ -90,7 +114,8 @@ def _dead_reconstruction(W_dec: Tensor, pre_acts: Tensor, dead_mask: Tensor, k_a
             picked = dead_pre_acts.detach().topk(k_aux, dim=-1, sorted=False).indices
             weights = torch.zeros_like(dead_pre_acts).scatter(1, picked, dead_pre_acts.gather(1, picked).relu())
         return weights.to(W_dec.dtype) @ W_dec[dead]
-    values, picked = pre_acts.index_select(1, dead).topk(min(k_aux, n), dim=-1, sorted=False)
+    with torch.no_grad():
+        values, picked = torch.addmm(bias[dead], x, W_enc[:, dead]).topk(k_aux, dim=-1, sorted=False)
     layout = LatentLayout(dead[picked], W_dec.shape[0])
     weights = selected_relu(values, x, W_enc, bias, layout)
     return sparse_decode(weights.to(W_dec.dtype), W_dec, layout)

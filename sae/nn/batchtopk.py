@@ -21,7 +21,7 @@ from .topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     """Training: keep the k * B largest ReLU'd pre-activations of the batch. Eval: pre * (pre > threshold).
 
-    Inherits k, k_aux, aux_k_coefficient (AuxK) and sparse_decode from TopKSAE; ``k`` is the mean
+    Inherits k, k_aux, aux_k_coefficient, aux_batch_size (AuxK) and sparse_decode from TopKSAE; ``k`` is the mean
     number of active latents per input. ``threshold_momentum`` is the EMA decay of the threshold
     estimate: 0.99 averages over the last ~100 batches, enough to smooth the batch-to-batch noise of
     a minimum while still following the drift of activation scale during training.
@@ -42,9 +42,11 @@ class BatchTopKSAE(TopKSAE):
         sparse_decode: bool | None = None,
         threshold_momentum: float = 0.99,
         sparse_encoder_grad: bool | None = None,
+        aux_batch_size: int | None = 256,
     ) -> None:
         super().__init__(d_in, d_sae, k=k, k_aux=k_aux, aux_k_coefficient=aux_k_coefficient,
-                         sparse_decode=sparse_decode, sparse_encoder_grad=sparse_encoder_grad)
+                         sparse_decode=sparse_decode, sparse_encoder_grad=sparse_encoder_grad,
+                         aux_batch_size=aux_batch_size)
         if check_nonnegative_float("threshold_momentum", threshold_momentum) >= 1:
             raise SAEConfigError(
                 f"threshold_momentum={threshold_momentum!r} must be in [0, 1) (0.99 averages ~100 batches)"

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .auxk import auxk_loss, resolve_k_aux
+from .auxk import auxk_loss, resolve_aux_batch_size, resolve_k_aux
 from .base import (
     SAEConfigError,
     SAEOutput,
@@ -95,8 +95,8 @@ class JumpReLUSAE(SparseAutoencoder):
             learned in log space, so under Adam it moves by a roughly constant factor per step.
         pre_acts_grad: False (the paper). True also sends the STE's kernel terms to the pre-activations,
             as in Anthropic's 2025 update.
-        k_aux, aux_k_coefficient: AuxK (``auxk.py``): a latent whose threshold lies above all its
-            pre-activations gets no gradient from anything else.
+        k_aux, aux_k_coefficient, aux_batch_size: AuxK (``auxk.py``): a latent whose threshold lies above all
+            its pre-activations gets no gradient from anything else.
     Decoder rows are unit-norm: L0 is blind to the scale of f, so the constraint only fixes the
     gauge (f -> c f, W_dec -> W_dec / c, theta -> c theta), making thresholds comparable across latents.
     """
@@ -115,6 +115,7 @@ class JumpReLUSAE(SparseAutoencoder):
         pre_acts_grad: bool = False,
         k_aux: int | None = None,
         aux_k_coefficient: float = 0.5,
+        aux_batch_size: int | None = 256,
     ) -> None:
         super().__init__(d_in, d_sae)
         self.l0_coefficient = check_nonnegative_float("l0_coefficient", l0_coefficient)
@@ -133,6 +134,7 @@ class JumpReLUSAE(SparseAutoencoder):
         self.pre_acts_grad = bool(pre_acts_grad)
         self.k_aux = resolve_k_aux(k_aux, d_in, d_sae)
         self.aux_k_coefficient = check_nonnegative_float("aux_k_coefficient", aux_k_coefficient)
+        self.aux_batch_size = resolve_aux_batch_size(aux_batch_size)
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(threshold_init)))
 
     @property
@@ -167,7 +169,8 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:
         """AuxK on the latents whose thresholds shut them off (``auxk.auxk_loss``); 0 when the coefficient is."""
-        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient)
+        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient,
+                         aux_batch_size=self.aux_batch_size)
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:
@@ -179,6 +182,7 @@ class JumpReLUSAE(SparseAutoencoder):
             "pre_acts_grad": self.pre_acts_grad,
             "k_aux": self.k_aux,
             "aux_k_coefficient": self.aux_k_coefficient,
+            "aux_batch_size": self.aux_batch_size,
         }
 
     def extra_export_tensors(self) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .auxk import auxk_loss, resolve_k_aux
+from .auxk import auxk_loss, resolve_aux_batch_size, resolve_k_aux
 from .sparse_grad import LatentLayout, selected_relu, sparse_decode
 from .base import (
     SAEConfigError,
@@ -41,6 +41,8 @@ class TopKSAE(SparseAutoencoder):
         aux_k_coefficient: weight of AuxK, 1/32 as in the paper. AuxK is the only gradient dead
             latents receive (the residual is detached), and Adam normalises per parameter, so the
             coefficient matters less than its size suggests.
+        aux_batch_size: inputs of each batch AuxK reconstructs (an evenly spaced sample, ``auxk.aux_rows``);
+            None: all of them.
         sparse_decode: gather the k active decoder rows (True), dense matmul (False), or
             None = auto: sparse when k / d_sae <= SPARSE_DECODE_MAX_DENSITY.
         sparse_encoder_grad: in training, select outside autograd and carry gradients through the selected
@@ -60,6 +62,7 @@ class TopKSAE(SparseAutoencoder):
         aux_k_coefficient: float = 1 / 32,
         sparse_decode: bool | None = None,
         sparse_encoder_grad: bool | None = None,
+        aux_batch_size: int | None = 256,
     ) -> None:
         super().__init__(d_in, d_sae)
         self.k = check_positive_int("k", k)
@@ -69,6 +72,7 @@ class TopKSAE(SparseAutoencoder):
             )
         self.k_aux = resolve_k_aux(k_aux, d_in, d_sae)
         self.aux_k_coefficient = check_nonnegative_float("aux_k_coefficient", aux_k_coefficient)
+        self.aux_batch_size = resolve_aux_batch_size(aux_batch_size)
         if sparse_decode not in (None, True, False):
             raise SAEConfigError(f"sparse_decode={sparse_decode!r} must be True, False or None (auto)")
         self.sparse_decode = sparse_decode
@@ -139,9 +143,12 @@ class TopKSAE(SparseAutoencoder):
     # ----------------------------------------------------------------------------- AuxK
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:
         """AuxK (Gao et al. 2024, section A.2), see ``auxk.auxk_loss``. dead_mask: (d_sae,) bool."""
-        # Pre-activations from the sparse-gradient forward carry no gradient: AuxK re-attaches its entries.
+        if dead_mask is None or self.aux_k_coefficient == 0:
+            return out.f.new_zeros(())
+        # Pre-activations from the sparse-gradient forward carry no gradient: AuxK recomputes its own entries.
         encoder = None if out.pre_acts.requires_grad else (x, self.W_enc, self.encoder_bias())
-        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient, encoder=encoder)
+        return auxk_loss(self.W_dec, x, out, dead_mask, self.k_aux, self.aux_k_coefficient, encoder=encoder,
+                         aux_batch_size=self.aux_batch_size)
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:
@@ -149,6 +156,7 @@ class TopKSAE(SparseAutoencoder):
             "k": self.k,
             "k_aux": self.k_aux,
             "aux_k_coefficient": self.aux_k_coefficient,
+            "aux_batch_size": self.aux_batch_size,
             "sparse_decode": self.sparse_decode,
             "sparse_encoder_grad": self.sparse_encoder_grad,
         }

@@ -48,7 +48,7 @@ class SAEConfigError(UserError, ValueError):
 class SAEOutput(NamedTuple):
     x_hat: Tensor  # (B, d_in) reconstruction
     f: Tensor  # (B, d_sae) feature activations
-    pre_acts: Tensor  # (B, d_sae) encoder pre-activations
+    pre_acts: Tensor  # (B, d_sae) encoder pre-activations (TopK's CPU training forward: a bfloat16 screen of them)
 
 
 class SAELoss(NamedTuple):

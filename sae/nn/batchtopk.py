@@ -108,6 +108,10 @@ class BatchTopKSAE(TopKSAE):
         padded_indices = flat.new_zeros(batch, width).index_put_((rows, slot), flat[order] - rows * d_sae)
         return padded_values, padded_indices
 
+    def uses_screen(self, x: Tensor) -> bool:
+        # The batch-wide selection needs every row's exact values (no per-row screen bound applies).
+        return False
+
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:
         """EMA of the smallest positive kept activation; the first batch sets it outright. No host sync."""
@@ -118,7 +122,8 @@ class BatchTopKSAE(TopKSAE):
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:
-        return {**super().extra_hparams(), "threshold_momentum": self.threshold_momentum}
+        inherited = {name: value for name, value in super().extra_hparams().items() if name != "bf16_screen"}
+        return {**inherited, "threshold_momentum": self.threshold_momentum}
 
     def extra_export_tensors(self) -> dict[str, Tensor]:
         # Per latent, so an exported BatchTopK SAE reads like a JumpReLU one at inference.

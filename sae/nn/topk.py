@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .auxk import auxk_loss, resolve_aux_batch_size, resolve_k_aux
+from .screen import native_bf16_matmul, screenable, screened_topk
 from .sparse_grad import LatentLayout, selected_relu, sparse_decode
 from .base import (
     SAEConfigError,
@@ -48,6 +49,10 @@ class TopKSAE(SparseAutoencoder):
         sparse_encoder_grad: in training, select outside autograd and carry gradients through the selected
             entries only (``sparse_grad.py``; True), or through the dense pre-activations (False), or
             None = auto: on CPU.
+        bf16_screen: in that training forward, find the top k through a bfloat16 screen of the encoder product
+            and then the candidates' float32 values (``screen.py``: the same latents and values, about half the
+            product's cost; True), or from the float32 product (False), or None = auto: on CPUs that multiply
+            bfloat16 natively.
     """
 
     architecture: ClassVar[str] = "topk"
@@ -63,6 +68,7 @@ class TopKSAE(SparseAutoencoder):
         sparse_decode: bool | None = None,
         sparse_encoder_grad: bool | None = None,
         aux_batch_size: int | None = 256,
+        bf16_screen: bool | None = None,
     ) -> None:
         super().__init__(d_in, d_sae)
         self.k = check_positive_int("k", k)
@@ -79,6 +85,10 @@ class TopKSAE(SparseAutoencoder):
         if sparse_encoder_grad not in (None, True, False):
             raise SAEConfigError(f"sparse_encoder_grad={sparse_encoder_grad!r} must be True, False or None (auto)")
         self.sparse_encoder_grad = sparse_encoder_grad
+        if bf16_screen not in (None, True, False):
+            raise SAEConfigError(f"bf16_screen={bf16_screen!r} must be True, False or None (auto)")
+        self.bf16_screen = bf16_screen
+        self._native_bf16: bool | None = None  # read from the CPU's flags on first use
 
     def uses_sparse_grads(self, x: Tensor) -> bool:
         """Whether this forward selects outside autograd and carries gradients through the selected entries only."""
@@ -86,6 +96,14 @@ class TopKSAE(SparseAutoencoder):
         if use_sparse is None:
             use_sparse = x.device.type == "cpu"
         return bool(use_sparse and self.training and torch.is_grad_enabled() and self.W_enc.requires_grad)
+
+    def uses_screen(self, x: Tensor) -> bool:
+        """Whether the sparse-gradient forward selects through a bfloat16 screen (``screen.py``)."""
+        if self.bf16_screen is False or not screenable(x, self.W_enc, self.k):
+            return False
+        if self.bf16_screen is None and self._native_bf16 is None:
+            self._native_bf16 = native_bf16_matmul()
+        return bool(self.bf16_screen or self._native_bf16)
 
     # ----------------------------------------------------------------------------- selection
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,17 +146,26 @@ class TopKSAE(SparseAutoencoder):
     def _forward_sparse_grads(self, x: Tensor) -> SAEOutput:
         """The training forward with ``sparse_grad.py``'s gradients: the encoder product and the selection run
         without autograd, and only the selected entries carry a gradient back (to W_enc, b_enc, b_dec and x).
-        The returned pre_acts (B, d_sae) do not require grad; AuxK re-attaches its own entries (``aux_loss``)."""
+        The returned pre_acts (B, d_sae) do not require grad, and are the bfloat16 screen where ``uses_screen``;
+        AuxK recomputes its own entries (``aux_loss``)."""
         bias = self.encoder_bias()
         with torch.no_grad():
-            pre_acts = torch.addmm(bias, x, self.W_enc)
-            selected, indices = self.active_latents(pre_acts)
+            selected, indices, pre_acts = self.select_for_training(x, bias)
         layout = LatentLayout(indices, self.d_sae)
         values = selected_relu(selected, x, self.W_enc, bias, layout)
-        f = torch.zeros_like(pre_acts).scatter_add_(-1, indices, values.to(pre_acts.dtype))
+        f = values.new_zeros(pre_acts.shape).scatter_add_(-1, indices, values)
         if not self.uses_sparse_decode:
             return SAEOutput(self.decode(f), f, pre_acts)
         return SAEOutput(sparse_decode(values, self.W_dec, layout) + self.b_dec, f, pre_acts)
+
+    def select_for_training(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Without autograd, x (B, d_in) -> the active latents' values (B, K) and indices (B, K), and the
+        pre-activations (B, d_sae) they were chosen from."""
+        if self.uses_screen(x):
+            values, indices, screen = screened_topk(x, self.W_enc, bias, self.k)
+            return values.relu(), indices, screen
+        pre_acts = torch.addmm(bias, x, self.W_enc)
+        return (*self.active_latents(pre_acts), pre_acts)
 
     # ----------------------------------------------------------------------------- AuxK
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:
@@ -159,6 +186,7 @@ class TopKSAE(SparseAutoencoder):
             "aux_batch_size": self.aux_batch_size,
             "sparse_decode": self.sparse_decode,
             "sparse_encoder_grad": self.sparse_encoder_grad,
+            "bf16_screen": self.bf16_screen,
         }
 
     def activation_formula(self) -> str:

@@ -1,0 +1,136 @@
+"""The exact per-row top-k of ``x @ W + b`` on CPU, found through a bfloat16 screen of the product.
+
+A TopK training step on CPU is mostly one float32 product (B, d_in) x (d_in, d_sae) and the top-k of each row.
+Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), the same product in bfloat16 with float32
+accumulation costs about half as much, and its error has a rigorous bound (rounding each factor to bfloat16
+moves a product by at most 2u + u^2 of its size, u = 2^-8; float32 accumulation and the rounding of the
+result add the rest; Cauchy-Schwarz bounds sum_i |x_bi w_ij| by ||x_b|| max_j ||w_j||). So:
+
+1. The screen P~ (B, d_sae) and the row's groups of ``GROUP`` strided columns: the k-th largest group maximum
+   g_b is the screened value of k distinct entries, whose exact values are all at least lo(g_b).
+2. Every entry whose exact value can reach lo(g_b) has hi(P~) >= lo(g_b): those are the candidates (about 2k
+   per row on random weights). Every other entry lies strictly below k entries, so it is not in the top k.
+3. The candidates get their float32 values (x_b . w_j + b_j, a sampled product) and the top k of those is the
+   row's top k: the same entries and values as the float32 product's, up to float summation order.
+
+Nothing approximate leaves this module: non-finite inputs, or any row with fewer than k candidates, take the
+plain float32 path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+GROUP = 8  # strided columns per group: d_sae / 8 group maxima per row, about 8 k candidates to look at
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+U_FP32 = 2.0**-24
+TINY = 2.0**-126  # bfloat16 and float32 flush subnormal products to zero in the dot-product instructions
+
+
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 flag)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def screenable(x: Tensor, W: Tensor, k: int) -> bool:
+    """Whether ``screened_topk`` applies: a float32 CPU product whose rows have at least k groups."""
+    d_sae = W.shape[1]
+    return (x.device.type == "cpu" and x.dtype == W.dtype == torch.float32 and x.dim() == 2
+            and d_sae % GROUP == 0 and d_sae // GROUP >= 2 * k)
+
+
+def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, d_in), W (d_in, d_sae), bias (d_sae,), all float32 on CPU, no autograd.
+
+    Returns values (B, k) float32 and indices (B, k) of the k largest entries of each row of x @ W + bias
+    (in no particular order), and the bfloat16 screen (B, d_sae) they were found with."""
+    screen = torch.addmm(bias.bfloat16(), x.bfloat16(), W.bfloat16())
+    batch, d_sae = screen.shape
+    finite = bool(torch.isfinite(x.sum()) & torch.isfinite(W.sum()) & torch.isfinite(bias.sum()))
+    if finite:
+        error = _error_bounds(x, W, bias)
+        candidates = _candidates(screen, _lower_bounds(screen, error, k), error, k)
+        if candidates is not None:
+            return (*_exact_topk(x, W, bias, *candidates, k), screen)
+    values, indices = torch.addmm(bias, x, W).topk(k, dim=-1, sorted=False)
+    return values, indices, screen
+
+
+def _error_bounds(x: Tensor, W: Tensor, bias: Tensor) -> Tensor:
+    """(B,) E_b with |P_acc - P| <= E_b for every entry of row b, P_acc the float32 accumulator before rounding."""
+    d_in = x.shape[1]
+    gamma = (d_in + 1) * U_FP32 / (1 - (d_in + 1) * U_FP32)
+    c_product = 2 * U_BF16 + U_BF16**2 + gamma * (1 + U_BF16) ** 2
+    c_bias = U_BF16 + gamma * (1 + U_BF16)
+    max_column = float(W.norm(dim=0).max())
+    return (c_product * max_column) * x.norm(dim=1) + (c_bias * float(bias.abs().max()) + (d_in + 1) * TINY
+                                                        * max(max_column, 1.0))
+
+
+def _lower_bounds(screen: Tensor, error: Tensor, k: int) -> Tensor:
+    """(B,) a value that the k-th largest exact entry of each row reaches: lo(k-th largest group maximum)."""
+    batch, d_sae = screen.shape
+    groups = d_sae // GROUP
+    group_max = screen.view(batch, GROUP, groups).amax(dim=1).float().numpy()  # group g: columns g + j * groups
+    kth = torch.from_numpy(np.partition(group_max, groups - k, axis=1)[:, groups - k])
+    # |P~ - P| <= E + u' |P~| with u' = u / (1 - u): P~ is P_acc rounded to bfloat16.
+    u = U_BF16 / (1 - U_BF16)
+    return kth - u * kth.abs() - error
+
+
+def _candidates(screen: Tensor, low: Tensor, error: Tensor, k: int):
+    """(crow (B + 1,), columns (nnz,)) of the entries whose exact value may reach ``low``, or None."""
+    batch, d_sae = screen.shape
+    u = U_BF16 / (1 - U_BF16)
+    # Invert hi(p) = p + u |p| + E (increasing): the smallest screened value whose entry can reach low.
+    shifted = low - error
+    threshold = torch.where(shifted >= 0, shifted / (1 + u), shifted / (1 - u))
+    # Rounded down to bfloat16, so that the comparison in bfloat16 keeps every such entry.
+    threshold = (threshold - U_BF16 * threshold.abs() - TINY).bfloat16()
+    flat = torch.from_numpy(np.flatnonzero(_at_least(screen, threshold)))
+    rows = torch.div(flat, d_sae, rounding_mode="floor")
+    counts = torch.bincount(rows, minlength=batch)
+    if flat.numel() == 0 or int(counts.min()) < k:
+        return None
+    crow = torch.zeros(batch + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return crow, flat - rows * d_sae, rows, counts
+
+
+def _at_least(screen: Tensor, threshold: Tensor) -> np.ndarray:
+    """(B, d_sae) bool array: screen >= threshold (B,) per row, both bfloat16."""
+    if bool((threshold > 0).all()):
+        # Positive bfloat16 numbers order like their bits read as int16, and every negative one reads negative;
+        # numpy's int16 comparison is 2-3x faster than torch's bfloat16 one.
+        return screen.view(torch.int16).numpy() >= threshold.view(torch.int16).numpy()[:, None]
+    return (screen >= threshold.unsqueeze(1)).numpy()
+
+
+def _exact_topk(x: Tensor, W: Tensor, bias: Tensor, crow: Tensor, columns: Tensor, rows: Tensor,
+                counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top k of each row among its candidates, by their float32 values."""
+    batch, d_sae = x.shape[0], W.shape[1]
+    ones = torch.ones(columns.numel(), dtype=x.dtype)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the tests compare with the float32 path
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, columns, ones, (batch, d_sae), check_invariants=False)
+    exact = torch.sparse.sampled_addmm(pattern, x, W, beta=0.0).values() + bias[columns]
+    width = int(counts.max())
+    slot = torch.arange(columns.numel()) - crow[rows]
+    padded = torch.full((batch, width), -math.inf, dtype=x.dtype).index_put_((rows, slot), exact)
+    padded_columns = torch.zeros((batch, width), dtype=torch.long).index_put_((rows, slot), columns)
+    values, picked = padded.topk(k, dim=-1, sorted=False)
+    return values, padded_columns.gather(1, picked)

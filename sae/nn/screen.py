@@ -4,7 +4,7 @@ A TopK training step on CPU is mostly one float32 product (B, d_in) x (d_in, d_s
 Where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), the same product in bfloat16 with float32
 accumulation costs about half as much, and its error has a rigorous bound (rounding each factor to bfloat16
 moves a product by at most 2u + u^2 of its size, u = 2^-8; float32 accumulation and the rounding of the
-result add the rest; Cauchy-Schwarz bounds sum_i |x_bi w_ij| by ||x_b|| max_j ||w_j||). So:
+result add the rest; Cauchy-Schwarz bounds the sums by norms, ``_error_bounds``). So:
 
 1. The screen P~ (B, d_sae) and the row's groups of ``GROUP`` strided columns: the k-th largest group maximum
    g_b is the screened value of k distinct entries, whose exact values are all at least lo(g_b).
@@ -30,6 +30,9 @@ GROUP = 8  # strided columns per group: d_sae / 8 group maxima per row, about 8 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
 TINY = 2.0**-126  # bfloat16 and float32 flush subnormal products to zero in the dot-product instructions
+# |P~ - P_acc| <= OUTPUT_ROUNDING |P~| (+ U_BF16 |b| in E): the product rounded to bfloat16 once, or twice where
+# the library rounds it before adding the bias.
+OUTPUT_ROUNDING = 2 * U_BF16 / (1 - U_BF16) * (1 + U_BF16)
 
 
 def native_bf16_matmul() -> bool:
@@ -57,11 +60,12 @@ def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int) -> tuple[Tensor, T
 
     Returns values (B, k) float32 and indices (B, k) of the k largest entries of each row of x @ W + bias
     (in no particular order), and the bfloat16 screen (B, d_sae) they were found with."""
-    screen = torch.addmm(bias.bfloat16(), x.bfloat16(), W.bfloat16())
+    x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
+    screen = torch.addmm(bias.bfloat16(), x_bf16, W_bf16)
     batch, d_sae = screen.shape
     finite = bool(torch.isfinite(x.sum()) & torch.isfinite(W.sum()) & torch.isfinite(bias.sum()))
     if finite:
-        error = _error_bounds(x, W, bias)
+        error = _error_bounds(x, W, bias, x_bf16, W_bf16)
         candidates = _candidates(screen, _lower_bounds(screen, error, k), error, k)
         if candidates is not None:
             return (*_exact_topk(x, W, bias, *candidates, k), screen)
@@ -69,15 +73,24 @@ def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int) -> tuple[Tensor, T
     return values, indices, screen
 
 
-def _error_bounds(x: Tensor, W: Tensor, bias: Tensor) -> Tensor:
-    """(B,) E_b with |P_acc - P| <= E_b for every entry of row b, P_acc the float32 accumulator before rounding."""
+def _error_bounds(x: Tensor, W: Tensor, bias: Tensor, x_bf16: Tensor, W_bf16: Tensor) -> Tensor:
+    """(B,) E_b with |P_acc - P| <= E_b for every entry of row b, P_acc the float32 accumulator before rounding.
+
+    With x~ = x + dx and w~ = w + dw the bfloat16 factors, |x~ . w~ - x . w| <= ||dx|| ||w|| + ||x|| ||dw|| +
+    ||dx|| ||dw|| (Cauchy-Schwarz), from the rounding errors actually made: about 2.5x tighter than the worst
+    case 2u ||x|| ||w||, so fewer candidates. The float32 accumulation adds gamma_(d+1) sum |x~ w~| + |b~|."""
     d_in = x.shape[1]
     gamma = (d_in + 1) * U_FP32 / (1 - (d_in + 1) * U_FP32)
-    c_product = 2 * U_BF16 + U_BF16**2 + gamma * (1 + U_BF16) ** 2
-    c_bias = U_BF16 + gamma * (1 + U_BF16)
-    max_column = float(W.norm(dim=0).max())
-    return (c_product * max_column) * x.norm(dim=1) + (c_bias * float(bias.abs().max()) + (d_in + 1) * TINY
-                                                        * max(max_column, 1.0))
+    slack = 1 + 4 * d_in * U_FP32  # the norms below are float32 sums themselves
+    dx = (x - x_bf16.float()).norm(dim=1) * slack
+    x_norm = x.norm(dim=1) * slack
+    column_norm = float(W.norm(dim=0).max()) * slack
+    column_error = float((W - W_bf16.float()).norm(dim=0).max()) * slack
+    bias_max = float(bias.abs().max())
+    product = dx * column_norm + x_norm * column_error + dx * column_error
+    accumulation = gamma * ((x_norm + dx) * (column_norm + column_error) + bias_max * (1 + U_BF16))
+    rounded_before_bias = U_BF16 * (1 + U_BF16) * bias_max
+    return product + accumulation + U_BF16 * bias_max + rounded_before_bias + (d_in + 1) * TINY * max(column_norm, 1.0)
 
 
 def _lower_bounds(screen: Tensor, error: Tensor, k: int) -> Tensor:
@@ -86,15 +99,13 @@ def _lower_bounds(screen: Tensor, error: Tensor, k: int) -> Tensor:
     groups = d_sae // GROUP
     group_max = screen.view(batch, GROUP, groups).amax(dim=1).float().numpy()  # group g: columns g + j * groups
     kth = torch.from_numpy(np.partition(group_max, groups - k, axis=1)[:, groups - k])
-    # |P~ - P| <= E + u' |P~| with u' = u / (1 - u): P~ is P_acc rounded to bfloat16.
-    u = U_BF16 / (1 - U_BF16)
-    return kth - u * kth.abs() - error
+    return kth - OUTPUT_ROUNDING * kth.abs() - error
 
 
 def _candidates(screen: Tensor, low: Tensor, error: Tensor, k: int):
     """(crow (B + 1,), columns (nnz,)) of the entries whose exact value may reach ``low``, or None."""
     batch, d_sae = screen.shape
-    u = U_BF16 / (1 - U_BF16)
+    u = OUTPUT_ROUNDING
     # Invert hi(p) = p + u |p| + E (increasing): the smallest screened value whose entry can reach low.
     shifted = low - error
     threshold = torch.where(shifted >= 0, shifted / (1 + u), shifted / (1 - u))

@@ -14,6 +14,7 @@ from sae.metrics import (
     ReconstructionError,
     dense_fraction,
     density_histogram_figure,
+    fire_counts,
     log10_density,
 )
 
@@ -129,11 +130,12 @@ class MemberSparsity:
         self.density_counts = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)  # firings since the last histogram
         self.density_vectors = 0
 
-    def update(self, out: dict[str, torch.Tensor]) -> None:
+    def update(self, out: dict[str, Any]) -> None:
         self.reconstruction.update(out["x"], out["x_hat"])
-        self.firing.update(out["f"])
+        counts = fire_counts(out["f"], out.get("active"))  # once for both metrics, from the active entries if known
+        self.firing.update(out["f"], counts)
         if self.dead is not None:
-            self.dead.update(out["f"])
+            self.dead.update(out["f"], counts)
 
     def end_interval(self, world_size: int, dense_threshold: float) -> dict[str, torch.Tensor]:
         """The interval's values (collective under DDP: every rank calls it); folds its firings into the density."""

@@ -548,3 +548,22 @@ def test_planted_dictionary_is_recovered(architecture, one_thread):
     cosine = directions @ F.normalize(sae.W_dec.detach(), dim=1).T  # (n, d_sae)
     recovered = (cosine.max(dim=1).values > 0.9).float().mean().item()
     assert recovered >= 0.9, f"{architecture} recovered {recovered:.0%} of the 64 planted directions"
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("training", [True, False])
+def test_topk_output__active_entries_give_the_batch_statistics_of_f(architecture, training):
+    """SAEOutput.active (the selected entries; BatchTopK pads rows with value 0 at index 0) and f agree on the
+    column sums and the firing counts that training reads from them."""
+    from sae.metrics import fire_counts
+
+    sae = make(architecture, d_in=16, d_sae=256, k=6, sparse_decode=True)
+    perturb_(sae)
+    sae.train(training)
+    x = torch.randn(48, 16)
+    out = sae(x)
+    assert out.active is not None
+    dense = out._replace(active=None)
+    torch.testing.assert_close(out.column_sums(), dense.column_sums())
+    assert torch.equal(fire_counts(out.f, out.active), fire_counts(out.f))
+    assert build_sae("relu", 16, d_sae=64)(x).active is None

@@ -8,7 +8,7 @@ a feature fires where f > 0.
 from sae.metrics.collection import SparsityMetrics
 from sae.metrics.plots import density_histogram_figure
 from sae.metrics.reconstruction import ReconstructionError
-from sae.metrics.sparsity import DeadFraction, FeatureFiring, dense_fraction, log10_density
+from sae.metrics.sparsity import DeadFraction, FeatureFiring, dense_fraction, fire_counts, log10_density
 
 __all__ = [
     "DeadFraction",
@@ -16,6 +16,7 @@ __all__ = [
     "ReconstructionError",
     "SparsityMetrics",
     "dense_fraction",
+    "fire_counts",
     "density_histogram_figure",
     "log10_density",
 ]

@@ -15,6 +15,19 @@ from torchmetrics import Metric
 from sae.metrics._rows import rows
 
 
+def fire_counts(f: Tensor, active: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """(d_sae,) int32: on how many of the vectors f (..., d_sae) each feature is > 0.
+
+    ``active`` = (values (B, K), indices (B, K)), f's non-zero entries where the SAE selects them
+    (``SAEOutput.active``): then only those are read. An index repeats within a row only with value 0."""
+    if active is None:
+        # int32 partial sums: summing a bool tensor in int64 is ~1.7x slower on CPU, and one batch's count fits.
+        return (rows(f) > 0).sum(0, dtype=torch.int32)
+    values, indices = active
+    fired = indices[values > 0]
+    return torch.bincount(fired, minlength=f.shape[-1]).to(torch.int32)
+
+
 def dense_fraction(freq: Tensor, threshold: float = 0.1) -> Tensor:
     """Fraction of features firing on more than ``threshold`` of vectors.
 
@@ -44,12 +57,10 @@ class FeatureFiring(Metric):
         self.add_state("fire_count", torch.zeros(d_sae, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("n_vectors", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
-    def update(self, f: Tensor) -> None:
-        f = rows(f)
-        # int32 partial sums: summing a bool tensor in int64 is ~1.7x slower on CPU, and one batch's count
-        # fits; the running total stays int64.
-        self.fire_count += (f > 0).sum(0, dtype=torch.int32)
-        self.n_vectors += f.shape[0]
+    def update(self, f: Tensor, counts: Tensor | None = None) -> None:
+        """f (..., d_sae); counts: its ``fire_counts``, when the caller has them already."""
+        self.fire_count += fire_counts(f) if counts is None else counts
+        self.n_vectors += rows(f).shape[0]
 
     def compute(self) -> Tensor:
         return (self.fire_count / self.n_vectors).float()
@@ -110,12 +121,10 @@ class DeadFraction(Metric):
         """Whether ``window`` vectors have been seen (reads one scalar from the device)."""
         return bool(self.n_seen >= self.window)
 
-    def update(self, f: Tensor) -> None:
-        f = rows(f)
-        # int32 partial sums: summing a bool tensor in int64 is ~1.7x slower on CPU, and one batch's count
-        # fits; the running total stays int64.
-        self.fire_count += (f > 0).sum(0, dtype=torch.int32)
-        self.n_vectors += f.shape[0]
+    def update(self, f: Tensor, counts: Tensor | None = None) -> None:
+        """f (..., d_sae); counts: its ``fire_counts``, when the caller has them already."""
+        self.fire_count += fire_counts(f) if counts is None else counts
+        self.n_vectors += rows(f).shape[0]
 
     def _fold(self) -> None:
         """Advance the rolling counter by the (synced) vectors since the last fold."""

@@ -49,6 +49,16 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor  # (B, d_in) reconstruction
     f: Tensor  # (B, d_sae) feature activations
     pre_acts: Tensor  # (B, d_sae) encoder pre-activations (TopK's CPU training forward: a bfloat16 screen of them)
+    # (values (B, K), indices (B, K)): f's non-zero entries, where the architecture selects them (the TopK family;
+    # entries of value 0 may repeat an index), else None. Batch statistics read these K columns, not all of f.
+    active: tuple[Tensor, Tensor] | None = None
+
+    def column_sums(self) -> Tensor:
+        """(d_sae,) the sum of f over the batch (detached)."""
+        if self.active is None:
+            return self.f.detach().sum(dim=0)
+        values, indices = self.active
+        return self.f.new_zeros(self.f.shape[-1]).index_add_(0, indices.flatten(), values.detach().flatten())
 
 
 class SAELoss(NamedTuple):

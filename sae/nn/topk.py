@@ -141,7 +141,7 @@ class TopKSAE(SparseAutoencoder):
         values, indices = self.active_latents(pre_acts)
         # Adding, not writing: padding entries (value 0) may repeat an active latent's index (BatchTopK).
         f = torch.zeros_like(pre_acts).scatter_add_(-1, indices, values.to(pre_acts.dtype))
-        return SAEOutput(self.decode_sparse(values, indices), f, pre_acts)
+        return SAEOutput(self.decode_sparse(values, indices), f, pre_acts, (values, indices))
 
     def _forward_sparse_grads(self, x: Tensor) -> SAEOutput:
         """The training forward with ``sparse_grad.py``'s gradients: the encoder product and the selection run
@@ -154,9 +154,11 @@ class TopKSAE(SparseAutoencoder):
         layout = LatentLayout(indices, self.d_sae)
         values = selected_relu(selected, x, self.W_enc, bias, layout)
         f = values.new_zeros(pre_acts.shape).scatter_add_(-1, indices, values)
-        if not self.uses_sparse_decode:
-            return SAEOutput(self.decode(f), f, pre_acts)
-        return SAEOutput(sparse_decode(values, self.W_dec, layout) + self.b_dec, f, pre_acts)
+        if self.uses_sparse_decode:
+            x_hat = sparse_decode(values, self.W_dec, layout) + self.b_dec
+        else:
+            x_hat = self.decode(f)
+        return SAEOutput(x_hat, f, pre_acts, (values, indices))
 
     def select_for_training(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Without autograd, x (B, d_in) -> the active latents' values (B, K) and indices (B, K), and the

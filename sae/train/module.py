@@ -69,7 +69,8 @@ class SAETrainer(L.LightningModule):
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Any]:
         """Every member's step on the same (B, d_in) batch. Returns the summed loss and, detached, what
-        callbacks read under "members" (one dict per member): x (B, d_in) scaled inputs, x_hat (B, d_in), f (B, d_sae)."""
+        callbacks read under "members" (one dict per member): x (B, d_in) scaled inputs, x_hat (B, d_in), f (B, d_sae),
+        and active (SAEOutput.active: f's non-zero entries, or None)."""
         steps = []
         for name, member in self.named_members():
             step = member.step(batch, self.global_step)
@@ -86,7 +87,9 @@ class SAETrainer(L.LightningModule):
             self._log_step(self.prefix(name), step)
         loss = torch.stack([step.losses.loss for step in steps]).sum()
         self.log("loss", loss, prog_bar=True, logger=False)
-        members = [{"x": s.x.detach(), "x_hat": s.out.x_hat.detach(), "f": s.out.f.detach()} for s in steps]
+        members = [{"x": s.x.detach(), "x_hat": s.out.x_hat.detach(), "f": s.out.f.detach(),
+                    "active": None if s.out.active is None else tuple(t.detach() for t in s.out.active)}
+                   for s in steps]
         return {"loss": loss, "members": members}
 
     def _checkpoint_dir(self) -> Path:

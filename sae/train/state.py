@@ -128,7 +128,7 @@ class SAETrainingState(nn.Module):
                                dead_mask=dead if self.any_dead_now(dead, global_step) else None)
         # f >= 0 for every architecture, so a latent fired in this batch iff its column sum is > 0, and the
         # column sums add up to the batch's L1 norm: one reduction gives both, with no (B, d_sae) bool mask.
-        column_sums = out.f.detach().sum(dim=0)
+        column_sums = out.column_sums()
         nonfinite = self.update_firing(column_sums > 0, x.shape[0], ~torch.isfinite(losses.loss.detach()), global_step)
         return Step(x, out, losses, nonfinite, column_sums.sum() / x.shape[0])
 

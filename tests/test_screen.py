@@ -70,3 +70,25 @@ def test_topk_sae__screens_only_when_asked_or_native_and_batchtopk_never():
     assert build_sae("topk", 8, d_sae=256, k=4, bf16_screen=True).uses_screen(x)
     assert not build_sae("topk", 8, d_sae=256, k=4, bf16_screen=False).uses_screen(x)
     assert not build_sae("batchtopk", 8, d_sae=256, k=4).uses_screen(x)
+
+
+def test_screened_topk__rows_with_too_many_candidates_take_the_dense_path():
+    """Every column has the same first weight, so rows along e_0 give all entries the same value up to a bias
+    spread far below the bound: every entry is a candidate, and those rows are computed densely. The result is
+    still the float32 top k, for them and for the ordinary rows around them."""
+    torch.manual_seed(3)
+    W = torch.randn(32, 512)
+    W[0] = 1.0
+    x = torch.randn(64, 32)
+    x[::4] = 0
+    x[::4, 0] = 5.0
+    bias = torch.randn(512) * 1e-3
+    from sae.nn import screen
+
+    x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
+    found = torch.addmm(bias.bfloat16(), x_bf16, W_bf16)
+    error = screen._error_bounds(x, W, bias, x_bf16, W_bf16)
+    counts = screen._candidates(found, screen._lower_bounds(found, error, 8), error)[2]
+    assert (counts[::4] > screen.MAX_CANDIDATES * 8).all() and (counts[1::4] <= screen.MAX_CANDIDATES * 8).all()
+    values, indices, _ = screened_topk(x, W, bias, 8)
+    assert_same_selection((values, indices), plain_topk(x, W, bias, 8))

@@ -13,8 +13,8 @@ result add the rest; Cauchy-Schwarz bounds the sums by norms, ``_error_bounds``)
 3. The candidates get their float32 values (x_b . w_j + b_j, a sampled product) and the top k of those is the
    row's top k: the same entries and values as the float32 product's, up to float summation order.
 
-Nothing approximate leaves this module: non-finite inputs, or any row with fewer than k candidates, take the
-plain float32 path.
+Nothing approximate leaves this module: non-finite inputs take the plain float32 path, and so do rows with more
+than ``MAX_CANDIDATES`` k candidates (entries closer together than the bound), one by one.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+MAX_CANDIDATES = 8  # per row, in units of k: beyond, the row's dense product and top-k cost less
 GROUP = 8  # strided columns per group: d_sae / 8 group maxima per row, about 8 k candidates to look at
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_FP32 = 2.0**-24
@@ -59,17 +60,25 @@ def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int) -> tuple[Tensor, T
     """x (B, d_in), W (d_in, d_sae), bias (d_sae,), all float32 on CPU, no autograd.
 
     Returns values (B, k) float32 and indices (B, k) of the k largest entries of each row of x @ W + bias
-    (in no particular order), and the bfloat16 screen (B, d_sae) they were found with."""
+    (in no particular order), and the bfloat16 screen (B, d_sae) they were found with. The bound grows with
+    ||x_b||, so centre x first where a bias carries its mean (TopK passes x - b_dec and b_enc)."""
     x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
     screen = torch.addmm(bias.bfloat16(), x_bf16, W_bf16)
-    batch, d_sae = screen.shape
     finite = bool(torch.isfinite(x.sum()) & torch.isfinite(W.sum()) & torch.isfinite(bias.sum()))
-    if finite:
-        error = _error_bounds(x, W, bias, x_bf16, W_bf16)
-        candidates = _candidates(screen, _lower_bounds(screen, error, k), error, k)
-        if candidates is not None:
-            return (*_exact_topk(x, W, bias, *candidates, k), screen)
-    values, indices = torch.addmm(bias, x, W).topk(k, dim=-1, sorted=False)
+    if not finite:
+        values, indices = torch.addmm(bias, x, W).topk(k, dim=-1, sorted=False)
+        return values, indices, screen
+    error = _error_bounds(x, W, bias, x_bf16, W_bf16)
+    flat, rows, counts = _candidates(screen, _lower_bounds(screen, error, k), error)
+    # A row with many candidates (entries closer together than the bound) costs less as a dense row.
+    dense = counts > MAX_CANDIDATES * k
+    if bool(dense.any()):
+        light = ~dense[rows]
+        flat, rows, counts = flat[light], rows[light], counts.masked_fill(dense, 0)
+    values, indices = _exact_topk(x, W, bias, flat, rows, counts, k)
+    if bool(dense.any()):
+        dense_rows = dense.nonzero().squeeze(1)
+        values[dense_rows], indices[dense_rows] = torch.addmm(bias, x[dense_rows], W).topk(k, dim=-1, sorted=False)
     return values, indices, screen
 
 
@@ -102,8 +111,9 @@ def _lower_bounds(screen: Tensor, error: Tensor, k: int) -> Tensor:
     return kth - OUTPUT_ROUNDING * kth.abs() - error
 
 
-def _candidates(screen: Tensor, low: Tensor, error: Tensor, k: int):
-    """(crow (B + 1,), columns (nnz,)) of the entries whose exact value may reach ``low``, or None."""
+def _candidates(screen: Tensor, low: Tensor, error: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries whose exact value may reach ``low``: flat positions (nnz,) in row order, their rows (nnz,),
+    and how many each row has (B,): at least k (the k entries behind the k-th group maximum among them)."""
     batch, d_sae = screen.shape
     u = OUTPUT_ROUNDING
     # Invert hi(p) = p + u |p| + E (increasing): the smallest screened value whose entry can reach low.
@@ -113,12 +123,7 @@ def _candidates(screen: Tensor, low: Tensor, error: Tensor, k: int):
     threshold = (threshold - U_BF16 * threshold.abs() - TINY).bfloat16()
     flat = torch.from_numpy(np.flatnonzero(_at_least(screen, threshold)))
     rows = torch.div(flat, d_sae, rounding_mode="floor")
-    counts = torch.bincount(rows, minlength=batch)
-    if flat.numel() == 0 or int(counts.min()) < k:
-        return None
-    crow = torch.zeros(batch + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return crow, flat - rows * d_sae, rows, counts
+    return flat, rows, torch.bincount(rows, minlength=batch)
 
 
 def _at_least(screen: Tensor, threshold: Tensor) -> np.ndarray:
@@ -130,17 +135,20 @@ def _at_least(screen: Tensor, threshold: Tensor) -> np.ndarray:
     return (screen >= threshold.unsqueeze(1)).numpy()
 
 
-def _exact_topk(x: Tensor, W: Tensor, bias: Tensor, crow: Tensor, columns: Tensor, rows: Tensor,
-                counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top k of each row among its candidates, by their float32 values."""
+def _exact_topk(x: Tensor, W: Tensor, bias: Tensor, flat: Tensor, rows: Tensor, counts: Tensor,
+                k: int) -> tuple[Tensor, Tensor]:
+    """The top k of each row among its candidates, by their float32 values (rows without any: -inf)."""
     batch, d_sae = x.shape[0], W.shape[1]
+    crow = torch.zeros(batch + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=crow[1:])
+    columns = flat - rows * d_sae
     ones = torch.ones(columns.numel(), dtype=x.dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the tests compare with the float32 path
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         pattern = torch.sparse_csr_tensor(crow, columns, ones, (batch, d_sae), check_invariants=False)
     # W as a transposed view of its contiguous transpose: the sampled product reads whole columns, 1.4x faster.
     exact = torch.sparse.sampled_addmm(pattern, x, W.T.contiguous().T, beta=0.0).values() + bias[columns]
-    width = int(counts.max())
+    width = max(int(counts.max()), k)
     slot = torch.arange(columns.numel()) - crow[rows]
     padded = torch.full((batch, width), -math.inf, dtype=x.dtype).index_put_((rows, slot), exact)
     padded_columns = torch.zeros((batch, width), dtype=torch.long).index_put_((rows, slot), columns)

@@ -227,19 +227,20 @@ def _textbook_topk_loss(sae, x: torch.Tensor, dead: torch.Tensor | None, batch_w
 @pytest.mark.parametrize("n_dead", [0, 5, 20, 100])
 @pytest.mark.parametrize("sparse_decode", [True, False])
 @pytest.mark.parametrize("aux_batch_size", [None, 16])  # 16 of 48: AuxK on every third input
-@pytest.mark.parametrize("bf16_screen", [False, True])  # TopK's selection through a bfloat16 screen (screen.py)
+@pytest.mark.parametrize("bf16_screen", [False, True])  # the selection through a bfloat16 screen (screen.py)
 def test_topk_training_step__equals_an_independent_dense_computation(architecture, n_dead, sparse_decode,
                                                                        aux_batch_size, bf16_screen):
     """The training forward (selection outside autograd, gradients through the selected entries only, AuxK on
     the dead columns of a sample of the inputs) gives the textbook loss, outputs and gradients."""
-    screen = {"bf16_screen": bf16_screen} if architecture == "topk" else {}
-    sae = make(architecture, d_in=16, d_sae=256, k=6, aux_k_coefficient=0.5, sparse_decode=sparse_decode,
-               sparse_encoder_grad=True, aux_batch_size=aux_batch_size, **screen)
+    # d_sae 512: 64 groups of columns, enough to screen BatchTopK's 24 candidates per row
+    sae = make(architecture, d_in=16, d_sae=512, k=6, aux_k_coefficient=0.5, sparse_decode=sparse_decode,
+               sparse_encoder_grad=True, aux_batch_size=aux_batch_size, bf16_screen=bf16_screen)
     perturb_(sae)
     x = torch.randn(48, 16)
-    dead = torch.zeros(256, dtype=torch.bool)
-    dead[torch.randperm(256)[:n_dead]] = True
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[torch.randperm(512)[:n_dead]] = True
     sae.train()
+    assert sae.uses_screen(x) == bf16_screen
     out = sae(x)
     loss = sae.loss(x, out, dead_mask=dead if n_dead else None).loss
     loss.backward()
@@ -251,7 +252,7 @@ def test_topk_training_step__equals_an_independent_dense_computation(architectur
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for name, a, b in (("x_hat", out.x_hat, x_hat), ("f", out.f, f)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    if screen.get("bf16_screen"):  # the screen the latents were found with: bfloat16, 8 significant bits
+    if bf16_screen:  # the screen the latents were found with: bfloat16, 8 significant bits
         torch.testing.assert_close(out.pre_acts.float(), pre.detach(), rtol=2**-7, atol=0.05)
     else:
         torch.testing.assert_close(out.pre_acts, pre, rtol=1e-5, atol=1e-5)

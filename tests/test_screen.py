@@ -65,11 +65,13 @@ def test_screenable__needs_float32_cpu_rows_with_enough_groups():
     assert not screenable(x.double(), torch.randn(8, 256).double(), 16)
 
 
-def test_topk_sae__screens_only_when_asked_or_native_and_batchtopk_never():
+def test_topk_family__screens_when_asked_and_its_rows_have_enough_groups():
     x = torch.randn(4, 8)
     assert build_sae("topk", 8, d_sae=256, k=4, bf16_screen=True).uses_screen(x)
     assert not build_sae("topk", 8, d_sae=256, k=4, bf16_screen=False).uses_screen(x)
-    assert not build_sae("batchtopk", 8, d_sae=256, k=4).uses_screen(x)
+    # BatchTopK screens each row's 4k candidates: 16 of 256 fit (32 groups), 64 of 256 do not.
+    assert build_sae("batchtopk", 8, d_sae=256, k=4, bf16_screen=True).uses_screen(x)
+    assert not build_sae("batchtopk", 8, d_sae=256, k=16, bf16_screen=True).uses_screen(x)
 
 
 def test_screened_topk__rows_with_too_many_candidates_take_the_dense_path():

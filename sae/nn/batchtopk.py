@@ -43,10 +43,11 @@ class BatchTopKSAE(TopKSAE):
         threshold_momentum: float = 0.99,
         sparse_encoder_grad: bool | None = None,
         aux_batch_size: int | None = 256,
+        bf16_screen: bool | None = None,
     ) -> None:
         super().__init__(d_in, d_sae, k=k, k_aux=k_aux, aux_k_coefficient=aux_k_coefficient,
                          sparse_decode=sparse_decode, sparse_encoder_grad=sparse_encoder_grad,
-                         aux_batch_size=aux_batch_size)
+                         aux_batch_size=aux_batch_size, bf16_screen=bf16_screen)
         if check_nonnegative_float("threshold_momentum", threshold_momentum) >= 1:
             raise SAEConfigError(
                 f"threshold_momentum={threshold_momentum!r} must be in [0, 1) (0.99 averages ~100 batches)"
@@ -68,36 +69,53 @@ class BatchTopKSAE(TopKSAE):
 
         On CPU a top-k over all B * d_sae entries dominated the step (0.41 s of ~0.57 s at B 4096, d_sae 3840,
         k 32), so there it runs in two stages: each row's ``candidates`` largest, then the batch's top k * B
-        of those (0.09 s). That is exact unless some row had all its candidates above the cut (it may hold
-        more); then this batch takes the one-stage path and later batches take twice as many candidates.
-        The check reads one flag from the device, which costs nothing on CPU; CUDA keeps the one-stage path.
+        of those (``_top_of_rows``). CUDA keeps the one-stage path.
         """
-        batch, d_sae = pre_acts.shape
-        budget = self.k * batch
-        if pre_acts.device.type == "cpu" and self._candidates < d_sae:
-            row_values, row_indices = pre_acts.topk(self._candidates, dim=-1, sorted=False)  # (B, c)
-            row_values = row_values.relu()
-            values, picked = row_values.flatten().topk(budget, sorted=False)
-            if not bool((row_values.amin(dim=-1) > values.min()).any()):
-                rows = torch.div(picked, self._candidates, rounding_mode="floor")
-                return values, rows * d_sae + row_indices.flatten()[picked]
-            self._candidates = min(2 * self._candidates, d_sae)
-        return pre_acts.relu().flatten().topk(budget, sorted=False)
+        if pre_acts.device.type == "cpu" and self._candidates < pre_acts.shape[1]:
+            top = self._top_of_rows(*pre_acts.topk(self._candidates, dim=-1, sorted=False))
+            if top is not None:
+                return top
+        return pre_acts.relu().flatten().topk(self.k * pre_acts.shape[0], sorted=False)
+
+    def _top_of_rows(self, row_values: Tensor, row_indices: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The batch's top k * B among each row's c largest pre-activations (B, c): values (k * B,), flat indices
+        (k * B,). Exact unless some row had all its candidates above the cut (it may hold more): then None, and
+        later batches take twice as many candidates. The check reads one flag from the device (free on CPU)."""
+        row_values = row_values.relu()
+        values, picked = row_values.flatten().topk(self.k * row_values.shape[0], sorted=False)
+        if bool((row_values.amin(dim=-1) > values.min()).any()):
+            self._candidates = min(2 * self._candidates, self.d_sae)
+            return None
+        rows = torch.div(picked, row_values.shape[1], rounding_mode="floor")
+        return values, rows * self.d_sae + row_indices.flatten()[picked]
+
+    @property
+    def row_candidates(self) -> int:
+        return self._candidates
+
+    def select_from_rows(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor] | None:
+        top = self._top_of_rows(values, indices)
+        if top is None:
+            return None
+        self._update_threshold_(top[0])
+        return self._padded_rows(*top, values.shape[0])
 
     def active_latents(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
         """Rows carry different numbers of active latents; pad every row to the widest one with zeros
-        (in training the padding's index is 0, which may repeat an active latent: consumers add, see forward).
-
-        In training the rows are laid out straight from ``batch_top``'s picks (scattering them into a
-        (B, d_sae) f and taking each row's top-width again cost as much as the selection itself on CPU).
-        """
+        (in training the padding's index is 0, which may repeat an active latent: consumers add, see forward)."""
         if not self.training:
             f = self.activation(pre_acts)
             width = max(int((f != 0).sum(dim=-1).max()), 1)  # one host sync per batch
             return f.topk(width, dim=-1, sorted=False)
         values, flat = self.batch_top(pre_acts)
         self._update_threshold_(values)
-        batch, d_sae = pre_acts.shape
+        return self._padded_rows(values, flat, pre_acts.shape[0])
+
+    def _padded_rows(self, values: Tensor, flat: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+        """values (n,), flat indices (n,) into (B, d_sae) -> values (B, width), indices (B, width), each row's
+        entries padded with zeros at index 0. Laid out straight from the picks: scattering them into a (B, d_sae)
+        f and taking each row's top-width again cost as much as the selection itself on CPU."""
+        d_sae = self.d_sae
         rows = torch.div(flat, d_sae, rounding_mode="floor")
         counts = torch.bincount(rows, minlength=batch)
         width = max(int(counts.max()), 1)  # one host sync per batch
@@ -109,8 +127,7 @@ class BatchTopKSAE(TopKSAE):
         return padded_values, padded_indices
 
     def uses_screen(self, x: Tensor) -> bool:
-        # The batch-wide selection needs every row's exact values (no per-row screen bound applies).
-        return False
+        return super().uses_screen(x) and self._candidates < self.d_sae
 
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:
@@ -122,8 +139,7 @@ class BatchTopKSAE(TopKSAE):
 
     # ----------------------------------------------------------------------------- description
     def extra_hparams(self) -> dict[str, Any]:
-        inherited = {name: value for name, value in super().extra_hparams().items() if name != "bf16_screen"}
-        return {**inherited, "threshold_momentum": self.threshold_momentum}
+        return {**super().extra_hparams(), "threshold_momentum": self.threshold_momentum}
 
     def extra_export_tensors(self) -> dict[str, Tensor]:
         # Per latent, so an exported BatchTopK SAE reads like a JumpReLU one at inference.

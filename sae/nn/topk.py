@@ -99,7 +99,7 @@ class TopKSAE(SparseAutoencoder):
 
     def uses_screen(self, x: Tensor) -> bool:
         """Whether the sparse-gradient forward selects through a bfloat16 screen (``screen.py``)."""
-        if self.bf16_screen is False or not screenable(x, self.W_enc, self.k):
+        if self.bf16_screen is False or not screenable(x, self.W_enc, self.row_candidates):
             return False
         if self.bf16_screen is None and self._native_bf16 is None:
             self._native_bf16 = native_bf16_matmul()
@@ -166,10 +166,22 @@ class TopKSAE(SparseAutoencoder):
         if self.uses_screen(x):
             # Centred inputs: the screen's error bound grows with ||x||, and activations carry a large mean that
             # b_dec removes (on mixed3b vectors: 64 candidates per row centred, 1056 not).
-            values, indices, screen = screened_topk(x - self.b_dec, self.W_enc, self.b_enc, self.k)
-            return values.relu(), indices, screen
+            values, indices, screen = screened_topk(x - self.b_dec, self.W_enc, self.b_enc, self.row_candidates)
+            selected = self.select_from_rows(values, indices)
+            if selected is not None:
+                return (*selected, screen)
         pre_acts = torch.addmm(bias, x, self.W_enc)
         return (*self.active_latents(pre_acts), pre_acts)
+
+    @property
+    def row_candidates(self) -> int:
+        """How many of each row's largest pre-activations the training selection reads (the screen finds these)."""
+        return self.k
+
+    def select_from_rows(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The active latents (values (B, K), indices (B, K)) from each row's ``row_candidates`` largest
+        pre-activations (B, row_candidates); None when those do not decide them (the full product then does)."""
+        return values.relu(), indices
 
     # ----------------------------------------------------------------------------- AuxK
     def aux_loss(self, x: Tensor, out: SAEOutput, dead_mask: Tensor | None) -> Tensor:

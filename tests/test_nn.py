@@ -568,3 +568,30 @@ def test_topk_output__active_entries_give_the_batch_statistics_of_f(architecture
     torch.testing.assert_close(out.column_sums(), dense.column_sums())
     assert torch.equal(fire_counts(out.f, out.active), fire_counts(out.f))
     assert build_sae("relu", 16, d_sae=64)(x).active is None
+
+
+@pytest.mark.parametrize(("aux", "expected"), [({}, "revived"), ({"aux_batch_size": 128}, "revived"),
+                                               ({"aux_k_coefficient": 0.0}, "not revived")])
+def test_auxk__revives_latents_that_start_silent_also_from_a_sample_of_the_batch(aux, expected, one_thread):
+    """Three quarters of a TopK SAE's latents start silent (encoder bias -2.5, below the k winners): AuxK at the
+    paper's 1/32 brings back enough of them to recover the planted directions, from the whole batch of 1024 as
+    from 128 of its inputs; without AuxK the same loop does not."""
+    torch.manual_seed(0)
+    directions, sample = planted_sampler(seed=0, d=32, n=128)
+    sae = build_sae("topk", 32, d_sae=256, k=3, **{"aux_batch_size": None, **aux})
+    with torch.no_grad():
+        sae.b_enc[:192] = -2.5
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    batches_since_fired = torch.zeros(sae.d_sae)
+    for _ in range(300):
+        x = sample(1024)
+        out = sae(x)
+        sae.loss(x, out, dead_mask=batches_since_fired >= 4).loss.backward()
+        sae.project_decoder_grad_()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder_()
+        batches_since_fired = torch.where((out.f > 0).any(dim=0), 0, batches_since_fired + 1)
+    cosine = directions @ F.normalize(sae.W_dec.detach(), dim=1).T
+    recovered = (cosine.max(dim=1).values > 0.9).float().mean().item()
+    assert (recovered >= 0.95) == (expected == "revived"), f"{aux}: {recovered:.0%} of 128 directions recovered"

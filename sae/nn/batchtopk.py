@@ -42,7 +42,7 @@ class BatchTopKSAE(TopKSAE):
         sparse_decode: bool | None = None,
         threshold_momentum: float = 0.99,
         sparse_encoder_grad: bool | None = None,
-        aux_batch_size: int | None = 256,
+        aux_batch_size: int | None = None,
         bf16_screen: bool | None = None,
     ) -> None:
         super().__init__(d_in, d_sae, k=k, k_aux=k_aux, aux_k_coefficient=aux_k_coefficient,

@@ -115,7 +115,7 @@ class JumpReLUSAE(SparseAutoencoder):
         pre_acts_grad: bool = False,
         k_aux: int | None = None,
         aux_k_coefficient: float = 0.5,
-        aux_batch_size: int | None = 256,
+        aux_batch_size: int | None = None,
     ) -> None:
         super().__init__(d_in, d_sae)
         self.l0_coefficient = check_nonnegative_float("l0_coefficient", l0_coefficient)

@@ -98,14 +98,17 @@ class SAETrainer(L.LightningModule):
         return Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
 
     def _writes_logs_this_step(self) -> bool:
-        """Whether the logger writes this step's on_step values: Lightning's documented schedule, every
-        trainer.log_every_n_steps optimizer steps and when stopping. The train/* values are logged only then:
-        each self.log call costs ~1 ms on CPU (Lightning moves the value's whole state), 5 per member per step."""
+        """Whether the logger may write this step's on_step values, which Lightning does every
+        trainer.log_every_n_steps batches of its own count and when stopping. The train/* values are logged only
+        then: each self.log call costs ~1 ms on CPU (Lightning moves the value's whole state), 5 per member per
+        step. Lightning's count equals global_step, or after some resumes global_step - 1: both are covered,
+        and a value logged at a step that is not written is dropped (on_step values do not carry over)."""
         try:
             trainer = self.trainer
         except RuntimeError:  # driven without a Trainer (bench/throughput.py): nothing is written anyway
             return False
-        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+        every = max(1, trainer.log_every_n_steps)
+        return (self.global_step + 1) % every in (0, 1 % every) or trainer.should_stop
 
     @torch.no_grad()
     def _log_step(self, prefix: str, step) -> None:

@@ -178,13 +178,16 @@ def naive_step(arch: str, x: torch.Tensor):
 
 
 def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int = K, **extra):
-    """`SAEModule`'s own step (training_step, decoder-gradient projection, Adam, decoder renorm), no Lightning."""
+    """`SAEModule`'s own step (training_step, decoder-gradient projection, Adam, decoder renorm), no Lightning,
+    set up from x as training is (input scale, b_dec, thresholds)."""
     from sae.train import SAEModule
 
     hp = {**arch_hparams(arch, sparse), **({"k": k} if arch in SPARSE_FAMILY else {}), **extra}
     module = SAEModule(D_IN, architecture=arch, expansion=EXPANSION, resample=None, **hp).to(x.device)
-    module.member.input_scale.fill_(1.0)
     module.member.dead_window.fill_(10_000_000)
+    # As training starts: the input scale, b_dec at the geometric median (which TopK's screen centres on) and
+    # JumpReLU's thresholds, from the batch itself.
+    module.member.prepare(x, default_dead_window=10_000_000)
     optimizer = torch.optim.Adam(module.sae.parameters(), fused=True)  # as SAEModule.configure_optimizers
 
     def step():

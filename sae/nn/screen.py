@@ -37,7 +37,10 @@ OUTPUT_ROUNDING = 2 * U_BF16 / (1 - U_BF16) * (1 + U_BF16)
 
 
 def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 flag)."""
+    """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 flag) and torch reaches
+    it (through oneDNN; elsewhere a bfloat16 product is emulated and slower than the float32 one)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

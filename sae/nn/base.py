@@ -86,6 +86,13 @@ def check_nonnegative_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_auto_flag(name: str, value: Any) -> bool | None:
+    """Return `value` if it is True, False or None (auto), else raise a ValueError saying so."""
+    if value not in (None, True, False):
+        raise SAEConfigError(f"{name}={value!r} must be True, False or None (auto)")
+    return value
+
+
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``float(value)`` if it is a finite number > 0, else raise a ValueError saying so."""
     if not _is_finite_real(value) or value <= 0:

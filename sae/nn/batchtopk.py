@@ -126,9 +126,6 @@ class BatchTopKSAE(TopKSAE):
         padded_indices = flat.new_zeros(batch, width).index_put_((rows, slot), flat[order] - rows * d_sae)
         return padded_values, padded_indices
 
-    def uses_screen(self, x: Tensor) -> bool:
-        return super().uses_screen(x) and self._candidates < self.d_sae
-
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:
         """EMA of the smallest positive kept activation; the first batch sets it outright. No host sync."""

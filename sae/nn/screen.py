@@ -20,11 +20,12 @@ than ``MAX_CANDIDATES`` k candidates (entries closer together than the bound), o
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .sparse_grad import sparse_csr
 
 MAX_CANDIDATES = 8  # per row, in units of k: beyond, the row's dense product and top-k cost less
 GROUP = 8  # strided columns per group: the k-th largest of the d_sae / 8 group maxima sets each row's threshold
@@ -75,12 +76,12 @@ def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int) -> tuple[Tensor, T
     flat, rows, counts = _candidates(screen, _lower_bounds(screen, error, k), error)
     # A row with many candidates (entries closer together than the bound) costs less as a dense row.
     dense = counts > MAX_CANDIDATES * k
-    if bool(dense.any()):
+    dense_rows = dense.nonzero().squeeze(1)
+    if dense_rows.numel():
         light = ~dense[rows]
         flat, rows, counts = flat[light], rows[light], counts.masked_fill(dense, 0)
     values, indices = _exact_topk(x, W, bias, flat, rows, counts, k)
-    if bool(dense.any()):
-        dense_rows = dense.nonzero().squeeze(1)
+    if dense_rows.numel():
         values[dense_rows], indices[dense_rows] = torch.addmm(bias, x[dense_rows], W).topk(k, dim=-1, sorted=False)
     return values, indices, screen
 
@@ -145,10 +146,7 @@ def _exact_topk(x: Tensor, W: Tensor, bias: Tensor, flat: Tensor, rows: Tensor, 
     crow = torch.zeros(batch + 1, dtype=torch.long)
     torch.cumsum(counts, 0, out=crow[1:])
     columns = flat - rows * d_sae
-    ones = torch.ones(columns.numel(), dtype=x.dtype)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the tests compare with the float32 path
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, columns, ones, (batch, d_sae), check_invariants=False)
+    pattern = sparse_csr(crow, columns, torch.ones(columns.numel(), dtype=x.dtype), (batch, d_sae))
     # W as a transposed view of its contiguous transpose: the sampled product reads whole columns, 1.4x faster.
     exact = torch.sparse.sampled_addmm(pattern, x, W.T.contiguous().T, beta=0.0).values() + bias[columns]
     width = max(int(counts.max()), k)

@@ -30,7 +30,8 @@ from torch import Tensor
 RADIX_MAX_KEYS = 1 << 16  # latent indices that fit numpy's 16-bit radix sort
 
 
-def _sparse_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+def sparse_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A CSR tensor of `size` from its parts, unchecked (callers build valid ones)."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the tests compare it with the dense path
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
@@ -67,7 +68,7 @@ class LatentLayout:
         """values (B, K), dense (B, n) -> (d_sae, n): row i = sum over pairs (b, j) with latent i of values[b, j] dense[b]."""
         crow, inputs, order = self.by_latent()
         batch = self.indices.shape[0]
-        grouped = _sparse_csr(crow, inputs, values.flatten()[order].to(dense.dtype), (self.d_sae, batch))
+        grouped = sparse_csr(crow, inputs, values.flatten()[order].to(dense.dtype), (self.d_sae, batch))
         return grouped @ dense
 
     def sampled_dot(self, a: Tensor, rows: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class LatentLayout:
             batch, k = self.indices.shape
             self._by_input = torch.arange(0, batch * k + 1, k, device=a.device)
         ones = torch.ones(self.indices.numel(), dtype=a.dtype, device=a.device)
-        pattern = _sparse_csr(self._by_input, self.indices.flatten(), ones, (self.indices.shape[0], self.d_sae))
+        pattern = sparse_csr(self._by_input, self.indices.flatten(), ones, (self.indices.shape[0], self.d_sae))
         return torch.sparse.sampled_addmm(pattern, a, rows.T, beta=0.0).values().view(self.indices.shape)
 
     def matmul(self, values: Tensor, rows: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from .base import (
     SAEConfigError,
     SAEOutput,
     SparseAutoencoder,
+    check_auto_flag,
     check_nonnegative_float,
     check_positive_int,
     register_architecture,
@@ -79,15 +80,9 @@ class TopKSAE(SparseAutoencoder):
         self.k_aux = resolve_k_aux(k_aux, d_in, d_sae)
         self.aux_k_coefficient = check_nonnegative_float("aux_k_coefficient", aux_k_coefficient)
         self.aux_batch_size = resolve_aux_batch_size(aux_batch_size)
-        if sparse_decode not in (None, True, False):
-            raise SAEConfigError(f"sparse_decode={sparse_decode!r} must be True, False or None (auto)")
-        self.sparse_decode = sparse_decode
-        if sparse_encoder_grad not in (None, True, False):
-            raise SAEConfigError(f"sparse_encoder_grad={sparse_encoder_grad!r} must be True, False or None (auto)")
-        self.sparse_encoder_grad = sparse_encoder_grad
-        if bf16_screen not in (None, True, False):
-            raise SAEConfigError(f"bf16_screen={bf16_screen!r} must be True, False or None (auto)")
-        self.bf16_screen = bf16_screen
+        self.sparse_decode = check_auto_flag("sparse_decode", sparse_decode)
+        self.sparse_encoder_grad = check_auto_flag("sparse_encoder_grad", sparse_encoder_grad)
+        self.bf16_screen = check_auto_flag("bf16_screen", bf16_screen)
         self._native_bf16: bool | None = None  # read from the CPU's flags on first use
 
     def uses_sparse_grads(self, x: Tensor) -> bool:

@@ -107,8 +107,7 @@ class SAETrainer(L.LightningModule):
             trainer = self.trainer
         except RuntimeError:  # driven without a Trainer (bench/throughput.py): nothing is written anyway
             return False
-        every = max(1, trainer.log_every_n_steps)
-        return (self.global_step + 1) % every in (0, 1 % every) or trainer.should_stop
+        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) in (0, 1) or trainer.should_stop
 
     @torch.no_grad()
     def _log_step(self, prefix: str, step) -> None:

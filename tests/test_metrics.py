@@ -63,6 +63,20 @@ def test_explained_variance_centres_on_the_mean_of_all_vectors():
     assert_close(ev.compute()["explained_variance"], 0.0)
 
 
+def test_reconstruction_error__stays_exact_for_inputs_far_from_zero():
+    # Activations with a large common offset: the variance is a tiny difference of large sums, so the batch
+    # moments are taken about each batch's mean. Reference: the same statistics in float64 from scratch.
+    g = torch.Generator().manual_seed(0)
+    xs = [1000.0 + torch.randn(512, 48, generator=g) for _ in range(3)]
+    errors = [0.1 * torch.randn(512, 48, generator=g) for _ in range(3)]
+    metric = ReconstructionError(d_in=48)
+    for x, error in zip(xs, errors):
+        metric.update(x, x + error)
+    x = torch.cat(xs).double()
+    fvu = torch.cat(errors).double().square().sum() / (x - x.mean(0)).square().sum()
+    assert_close(metric.compute()["fvu"], fvu, rtol=1e-5, atol=0)
+
+
 def test_feature_firing_by_hand():
     # Fire counts per feature over 3 vectors: [2, 1, 0, 1] -> frequency [2/3, 1/3, 0, 1/3].
     firing = FeatureFiring(4)

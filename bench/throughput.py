@@ -179,7 +179,8 @@ def naive_step(arch: str, x: torch.Tensor):
 
 def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int = K, **extra):
     """`SAEModule`'s own step (training_step, decoder-gradient projection, Adam, decoder renorm), no Lightning,
-    set up from x as training is (input scale, b_dec, thresholds)."""
+    set up from x as training is (input scale, b_dec, thresholds). ``step()`` trains on x, ``step(batch)`` on
+    another batch of the same stream."""
     from sae.train import SAEModule
 
     hp = {**arch_hparams(arch, sparse), **({"k": k} if arch in SPARSE_FAMILY else {}), **extra}
@@ -190,14 +191,15 @@ def module_step(arch: str, x: torch.Tensor, sparse: bool | None = None, k: int =
     module.member.prepare(x, default_dead_window=10_000_000)
     optimizer = torch.optim.Adam(module.sae.parameters(), fused=True)  # as SAEModule.configure_optimizers
 
-    def step():
-        out = module.training_step(x, 0)
+    def step(batch: torch.Tensor | None = None):
+        batch = x if batch is None else batch
+        out = module.training_step(batch, 0)
         out["loss"].backward()
         module.on_before_optimizer_step(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        module.on_train_batch_end(out, x, 0)
-    step.module = module
+        module.on_train_batch_end(out, batch, 0)
+    step.module, step.optimizer = module, optimizer
     return step
 
 

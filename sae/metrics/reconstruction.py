@@ -61,8 +61,8 @@ class ReconstructionError(Metric):
         self.add_state("n_elements", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:
-        # Each batch's moments in float32 about its own mean (accurate whatever the data's offset, and 6x faster on
-        # CPU than float64 reductions), summed over batches in float64: sum_x2 += M2 + n mean^2.
+        # Each batch's moments in float32 about its own mean (accurate whatever the data's offset, and no float64
+        # reductions over the batch, which are slow on CPU), summed over batches in float64: sum_x2 += M2 + n mean^2.
         x, x_hat = _at_least_float32(rows(x)), _at_least_float32(rows(x_hat))
         n = x.shape[0]
         if n == 0:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae.nn import build_sae
-from sae.nn.screen import screenable, screened_topk
+from sae.nn.screen import BUCKETS, MAX_CANDIDATES, Screen, screenable, screened_topk
 
 
 def plain_topk(x, W, bias, k):
@@ -27,9 +27,7 @@ def test_screened_topk__finds_the_float32_top_k(scale, shift):
     x = torch.randn(300, 48) * scale
     W = torch.randn(48, 512) / 48**0.5
     bias = torch.randn(512) * 0.1 * scale + shift * scale
-    values, indices, screen = screened_topk(x, W, bias, 16)
-    assert screen.dtype == torch.bfloat16 and screen.shape == (300, 512)
-    assert_same_selection((values, indices), plain_topk(x, W, bias, 16))
+    assert_same_selection(screened_topk(x, W, bias, 16), plain_topk(x, W, bias, 16))
 
 
 def test_screened_topk__separates_entries_that_bfloat16_cannot():
@@ -40,8 +38,7 @@ def test_screened_topk__separates_entries_that_bfloat16_cannot():
     base = torch.randn(32, 64)
     W = torch.cat([base * (1 + 1e-5 * i) for i in range(8)], dim=1)  # (32, 512): 8 near-copies of each column
     bias = torch.zeros(512)
-    values, indices, screen = screened_topk(x, W, bias, 12)
-    assert_same_selection((values, indices), plain_topk(x, W, bias, 12))
+    assert_same_selection(screened_topk(x, W, bias, 12), plain_topk(x, W, bias, 12))
 
 
 def test_screened_topk__non_finite_inputs_take_the_float32_path():
@@ -49,7 +46,7 @@ def test_screened_topk__non_finite_inputs_take_the_float32_path():
     x, W, bias = torch.randn(40, 16), torch.randn(16, 256), torch.zeros(256)
     x[3, 0] = float("nan")
     x[5, 1] = float("inf")
-    values, indices, _ = screened_topk(x, W, bias, 8)
+    values, indices = screened_topk(x, W, bias, 8)
     expected = plain_topk(x, W, bias, 8)
     assert torch.equal(values.isnan(), expected.values.isnan())
     fine = torch.ones(40, dtype=torch.bool)
@@ -85,12 +82,35 @@ def test_screened_topk__rows_with_too_many_candidates_take_the_dense_path():
     x[::4] = 0
     x[::4, 0] = 5.0
     bias = torch.randn(512) * 1e-3
-    from sae.nn import screen
+    counts = Screen(x, W, bias, BUCKETS).candidates(8)[2]
+    assert (counts[::4] > MAX_CANDIDATES * 8).all() and (counts[1::4] <= MAX_CANDIDATES * 8).all()
+    assert_same_selection(screened_topk(x, W, bias, 8), plain_topk(x, W, bias, 8))
 
-    x_bf16, W_bf16 = x.bfloat16(), W.bfloat16()
-    found = torch.addmm(bias.bfloat16(), x_bf16, W_bf16)
-    error = screen._error_bounds(x, W, bias, x_bf16, W_bf16)
-    counts = screen._candidates(found, screen._lower_bounds(found, error, 8), error)[2]
-    assert (counts[::4] > screen.MAX_CANDIDATES * 8).all() and (counts[1::4] <= screen.MAX_CANDIDATES * 8).all()
-    values, indices, _ = screened_topk(x, W, bias, 8)
-    assert_same_selection((values, indices), plain_topk(x, W, bias, 8))
+
+@pytest.mark.parametrize("buckets", [1, 2, BUCKETS])
+def test_screened_topk__finds_the_top_k_among_columns_of_very_different_norms(buckets):
+    """Column norms spread over 100x (a trained encoder's: 3x): one range of norms, two, or the default,
+    still gives the float32 top k."""
+    torch.manual_seed(4)
+    x = torch.randn(256, 48)
+    W = torch.randn(48, 1024) * torch.logspace(-1, 1, 1024)[torch.randperm(1024)]
+    bias = torch.randn(1024) * 0.1
+    assert_same_selection(screened_topk(x, W, bias, 16, buckets=buckets), plain_topk(x, W, bias, 16))
+
+
+def test_screen__bounds_each_range_of_column_norms_by_its_own_largest_column():
+    """Columns of norms 1-3, the larger ones with a more negative bias (latents that fire rarely): the top k sits
+    mostly in the smaller columns, whose own bound is tighter than the largest column's. Per-range bounds keep
+    fewer candidates than one bound for the whole row, and every entry of the float32 top k among them."""
+    torch.manual_seed(5)
+    x = torch.randn(256, 480)
+    norms = torch.linspace(1, 3, 3840)[torch.randperm(3840)]
+    W = torch.randn(480, 3840) / 480**0.5 * norms
+    bias = -(norms - 1) * 0.2 * x.norm(dim=1).mean()
+    one, bucketed = Screen(x, W, bias, 1), Screen(x, W, bias, BUCKETS)
+    assert bucketed.candidates(32)[2].sum() < 0.8 * one.candidates(32)[2].sum()
+    flat, rows, _ = bucketed.candidates(32)
+    found = torch.zeros(256, 3840, dtype=torch.bool)
+    found[rows, bucketed.columns[flat - rows * 3840]] = True
+    assert found.gather(1, plain_topk(x, W, bias, 32).indices).all()
+    assert_same_selection(screened_topk(x, W, bias, 32), plain_topk(x, W, bias, 32))

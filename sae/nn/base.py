@@ -48,7 +48,7 @@ class SAEConfigError(UserError, ValueError):
 class SAEOutput(NamedTuple):
     x_hat: Tensor  # (B, d_in) reconstruction
     f: Tensor  # (B, d_sae) feature activations
-    pre_acts: Tensor  # (B, d_sae) encoder pre-activations (TopK's CPU training forward: a bfloat16 screen of them)
+    pre_acts: Tensor  # (B, d_sae) encoder pre-activations (NaN where TopK's CPU training forward screens them)
     # (values (B, K), indices (B, K)): f's non-zero entries, where the architecture selects them (the TopK family;
     # entries of value 0 may repeat an index), else None. Batch statistics read these K columns, not all of f.
     active: tuple[Tensor, Tensor] | None = None

@@ -7,6 +7,7 @@ from the top-k_aux pre-activations among dead latents only.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,12 @@ from .base import (
 # batch 512, d_sae 4k-16k) it already cut a training step by 20-45% at k / d_sae = 1/16; on GPU the
 # dense matmul is relatively much cheaper, so auto mode stays conservative until GPU benchmarks retune it.
 SPARSE_DECODE_MAX_DENSITY = 1 / 64
+
+
+def not_computed(batch: int, d_sae: int, dtype: torch.dtype) -> Tensor:
+    """(batch, d_sae) NaN without memory (one expanded scalar): pre-activations a forward did not form. NaN, not
+    zeros, so that reading them by mistake shows; ``sae.pre_acts(x)`` computes them."""
+    return torch.full((), math.nan, dtype=dtype).expand(batch, d_sae)
 
 
 @register_architecture
@@ -141,8 +148,8 @@ class TopKSAE(SparseAutoencoder):
     def _forward_sparse_grads(self, x: Tensor) -> SAEOutput:
         """The training forward with ``sparse_grad.py``'s gradients: the encoder product and the selection run
         without autograd, and only the selected entries carry a gradient back (to W_enc, b_enc, b_dec and x).
-        The returned pre_acts (B, d_sae) do not require grad, and are the bfloat16 screen where ``uses_screen``;
-        AuxK recomputes its own entries (``aux_loss``)."""
+        The returned pre_acts (B, d_sae) do not require grad, and are NaN where ``uses_screen`` (that selection
+        never forms them); AuxK recomputes its own entries (``aux_loss``)."""
         bias = self.encoder_bias()
         with torch.no_grad():
             selected, indices, pre_acts = self.select_for_training(x, bias)
@@ -157,14 +164,14 @@ class TopKSAE(SparseAutoencoder):
 
     def select_for_training(self, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Without autograd, x (B, d_in) -> the active latents' values (B, K) and indices (B, K), and the
-        pre-activations (B, d_sae) they were chosen from."""
+        pre-activations (B, d_sae) they were chosen from (``not_computed`` after the screen)."""
         if self.uses_screen(x):
             # Centred inputs: the screen's error bound grows with ||x||, and activations carry a large mean that
             # b_dec removes (on mixed3b vectors: 64 candidates per row centred, 1056 not).
-            values, indices, screen = screened_topk(x - self.b_dec, self.W_enc, self.b_enc, self.row_candidates)
+            values, indices = screened_topk(x - self.b_dec, self.W_enc, self.b_enc, self.row_candidates)
             selected = self.select_from_rows(values, indices)
             if selected is not None:
-                return (*selected, screen)
+                return (*selected, not_computed(x.shape[0], self.d_sae, x.dtype))
         pre_acts = torch.addmm(bias, x, self.W_enc)
         return (*self.active_latents(pre_acts), pre_acts)
 

@@ -10,7 +10,7 @@ For each architecture, ``--rounds`` rounds in one process, each in this order:
 - the SAE step alone: ``SAEModule``'s step (``bench/throughput.py``'s ``module_step``), trained on the first
   window's batches as far as train.py's first window, then timed over as many steps as train.py's timed
   windows take, from the same saved state each round: vectors/s (r_step). The same stage of training matters:
-  TopK's screened selection keeps more candidates as the SAE trains (``bench/README.md``);
+  the step's cost changes as the SAE trains (TopK's screened selection, ``bench/README.md``);
 - ``train.py layer=mixed3b data=imagefolder sae=ARCH model.pretrained=false logger=csv`` in a subprocess for
   1 + ``--windows`` windows; its ``train/vectors_per_second`` (Throughput callback) over the windows after the
   first, each interval covering one window's extraction and its 32 steps.

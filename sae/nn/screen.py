@@ -7,13 +7,12 @@ moves a product by at most 2u + u^2 of its size, u = 2^-8; float32 accumulation 
 result add the rest; Cauchy-Schwarz bounds the sums by norms, ``ErrorBound``). So:
 
 1. The screen P~ (B, d_sae), with W's columns sorted by norm and cut into ``BUCKETS`` ranges: an entry's bound
-   grows with its column's norm, and the encoder's column norms spread as the SAE trains (3x between the largest
-   and the median after a few thousand steps at mixed3b), so each range gets the bound of its own largest column.
+   grows with its column's norm, and the encoder's column norms spread as the SAE trains (``bench/README.md``,
+   "End to end"), so each range gets the bound of its own largest column.
 2. Each range's groups of ``GROUP`` strided columns: the k-th largest lower bound lo(g) of a group maximum g,
    over all groups, is a value that k distinct entries reach exactly (the row's ``low``).
-3. Every entry whose exact value can reach ``low`` has hi(P~) >= low: those are the candidates (55-80 per row at
-   k 32, d_sae 3840, on mixed3b activations, from the first step to thousands). Every other entry lies strictly
-   below k entries, so it is not in the top k.
+3. Every entry whose exact value can reach ``low`` has hi(P~) >= low: those are the candidates, a few k per row.
+   Every other entry lies strictly below k entries, so it is not in the top k.
 4. The candidates get their float32 values (x_b . w_j + b_j, a sampled product) and the top k of those is the
    row's top k: the same entries and values as the float32 product's, up to float summation order.
 
@@ -151,14 +150,10 @@ class Screen:
 
     def lower_bounds(self, k: int) -> Tensor:
         """(B,) a value that the k-th largest exact entry of each row reaches: the k-th largest lo(group maximum)."""
-        batch, width = self.P.shape[0], self.groups // self.buckets
-        group_max = self.P.view(batch, GROUP, self.groups).amax(dim=1).float().numpy()
-        group_max = group_max.reshape(batch, self.buckets, width)
-        if width > k:  # lo is increasing in the group maximum: each range's k largest suffice
-            group_max = np.partition(group_max, width - k, axis=2)[:, :, width - k:]
-        g = torch.from_numpy(group_max)
-        lo = (g - (OUTPUT_ROUNDING + ROUNDING_SLACK) * g.abs() - self.E[:, :, None]).view(batch, -1).numpy()
-        return torch.from_numpy(np.partition(lo, lo.shape[1] - k, axis=1)[:, lo.shape[1] - k])
+        batch = self.P.shape[0]
+        g = self.P.view(batch, GROUP, self.groups).amax(dim=1).float().view(batch, self.buckets, -1)
+        lo = (g - (OUTPUT_ROUNDING + ROUNDING_SLACK) * g.abs()).sub_(self.E[:, :, None]).view(batch, -1).numpy()
+        return torch.from_numpy(np.partition(lo, self.groups - k, axis=1)[:, self.groups - k])
 
     def candidates(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """The entries whose exact value may reach the row's lower bound: flat positions in the screen (nnz,) in row

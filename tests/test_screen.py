@@ -87,14 +87,15 @@ def test_screened_topk__rows_with_too_many_candidates_take_the_dense_path():
     assert_same_selection(screened_topk(x, W, bias, 8), plain_topk(x, W, bias, 8))
 
 
-@pytest.mark.parametrize("buckets", [1, 2, BUCKETS])
-def test_screened_topk__finds_the_top_k_among_columns_of_very_different_norms(buckets):
-    """Column norms spread over 100x (a trained encoder's: 3x): one range of norms, two, or the default,
-    still gives the float32 top k."""
+@pytest.mark.parametrize(("d_sae", "buckets"), [(1024, 1), (1024, 2), (1024, BUCKETS), (1000, BUCKETS)])
+def test_screened_topk__finds_the_top_k_among_columns_of_very_different_norms(d_sae, buckets):
+    """Column norms spread over 100x (a trained encoder's: 3x): one range of norms, two, the default, and 5 ranges
+    where 125 groups do not split into 8, still give the float32 top k."""
     torch.manual_seed(4)
     x = torch.randn(256, 48)
-    W = torch.randn(48, 1024) * torch.logspace(-1, 1, 1024)[torch.randperm(1024)]
-    bias = torch.randn(1024) * 0.1
+    W = torch.randn(48, d_sae) * torch.logspace(-1, 1, d_sae)[torch.randperm(d_sae)]
+    bias = torch.randn(d_sae) * 0.1
+    assert Screen(x, W, bias, buckets).buckets == (5 if d_sae == 1000 else buckets)
     assert_same_selection(screened_topk(x, W, bias, 16, buckets=buckets), plain_topk(x, W, bias, 16))
 
 

@@ -42,6 +42,12 @@ TINY = 2.0**-126  # bfloat16 and float32 flush subnormal products to zero in the
 # ROUNDING_SLACK of their size covers that (each term is inflated by it, and |P~|'s coefficient with it).
 OUTPUT_ROUNDING = 2 * U_BF16 / (1 - U_BF16) * (1 + U_BF16)
 ROUNDING_SLACK = 16 * U_FP32
+SCREEN_ROUNDING = OUTPUT_ROUNDING + ROUNDING_SLACK  # |P~|'s coefficient in lo(P~) and hi(P~)
+
+
+def _norm_slack(d_in: int) -> float:
+    """Relative error of a float32 norm over d_in terms, which the bounds below are built from."""
+    return 1 + 4 * d_in * U_FP32
 
 
 def native_bf16_matmul() -> bool:
@@ -90,7 +96,7 @@ def screened_topk(x: Tensor, W: Tensor, bias: Tensor, k: int, buckets: int = BUC
 
 
 class ErrorBound(NamedTuple):
-    """|P_acc - P| <= row_norm[b] * column_norm[j] + row_error[b] * column_error[j] + rest[b] for entry (b, j),
+    """|P_acc - P| <= row_norm[b] * column_norm[j] + row_error[b] * column_error[j] + rest for entry (b, j),
     P_acc the float32 accumulator before rounding.
 
     With x~ = x + dx and w~ = w + dw the bfloat16 factors, |x~ . w~ - x . w| <= ||dx|| ||w|| + ||x~|| ||dw||
@@ -99,24 +105,23 @@ class ErrorBound(NamedTuple):
 
     row_norm: Tensor  # (B,) multiplies ||w_j||
     row_error: Tensor  # (B,) multiplies ||dw_j||
-    rest: Tensor  # (B,)
+    rest: float  # the bias's and the flushed subnormals' share, the same for every entry
 
     @classmethod
     def of(cls, x: Tensor, x_bf16: Tensor, column_norm_max: float, bias_max: float) -> ErrorBound:
         d_in = x.shape[1]
         gamma = (d_in + 1) * U_FP32 / (1 - (d_in + 1) * U_FP32)
-        slack = (1 + 4 * d_in * U_FP32) * (1 + ROUNDING_SLACK)  # the norms are float32 sums themselves
+        slack = _norm_slack(d_in) * (1 + ROUNDING_SLACK)
         dx = (x - x_bf16.float()).norm(dim=1) * slack
         x_tilde = x.norm(dim=1) * slack + dx
         accumulation = gamma * bias_max * (1 + U_BF16)
         rounded_before_bias = U_BF16 * (1 + U_BF16) * bias_max
         rest = accumulation + U_BF16 * bias_max + rounded_before_bias + (d_in + 1) * TINY * max(column_norm_max, 1.0)
-        return cls(dx + gamma * x_tilde, x_tilde * (1 + gamma), torch.full_like(dx, rest * (1 + ROUNDING_SLACK)))
+        return cls(dx + gamma * x_tilde, x_tilde * (1 + gamma), rest * (1 + ROUNDING_SLACK))
 
     def over(self, column_norm: Tensor, column_error: Tensor) -> Tensor:
         """(B, n): the bound for columns of the given norms (n,) and rounding-error norms (n,)."""
-        return torch.addcmul(torch.addcmul(self.rest[:, None], self.row_norm[:, None], column_norm),
-                             self.row_error[:, None], column_error)
+        return (self.row_norm[:, None] * column_norm).addcmul_(self.row_error[:, None], column_error).add_(self.rest)
 
 
 class Screen:
@@ -140,7 +145,7 @@ class Screen:
         W_t_bf16 = self.W_t.bfloat16()
         x_bf16 = x.bfloat16()
         self.P = torch.addmm(self.bias.bfloat16(), x_bf16, W_t_bf16.T)
-        slack = 1 + 4 * d_in * U_FP32  # the norms are float32 sums themselves
+        slack = _norm_slack(d_in)
         # Each range's largest column norm and rounding-error norm, (buckets,) each.
         range_norm = (column_norm[by_norm].view(self.buckets, -1).amax(dim=1)) * slack
         column_error = (self.W_t - W_t_bf16.float()).norm(dim=1) * slack
@@ -152,14 +157,14 @@ class Screen:
         """(B,) a value that the k-th largest exact entry of each row reaches: the k-th largest lo(group maximum)."""
         batch = self.P.shape[0]
         g = self.P.view(batch, GROUP, self.groups).amax(dim=1).float().view(batch, self.buckets, -1)
-        lo = (g - (OUTPUT_ROUNDING + ROUNDING_SLACK) * g.abs()).sub_(self.E[:, :, None]).view(batch, -1).numpy()
+        lo = (g - SCREEN_ROUNDING * g.abs()).sub_(self.E[:, :, None]).view(batch, -1).numpy()
         return torch.from_numpy(np.partition(lo, self.groups - k, axis=1)[:, self.groups - k])
 
     def candidates(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """The entries whose exact value may reach the row's lower bound: flat positions in the screen (nnz,) in row
         order, their rows (nnz,), and how many each row has (B,): at least k."""
         batch, d_sae = self.P.shape
-        u = OUTPUT_ROUNDING + ROUNDING_SLACK
+        u = SCREEN_ROUNDING
         # Invert hi(p) = p + u |p| + E (increasing): the smallest screened value whose entry can reach low.
         shifted = self.lower_bounds(k)[:, None] - self.E
         threshold = torch.where(shifted >= 0, shifted / (1 + u), shifted / (1 - u))
